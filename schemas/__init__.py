@@ -1,0 +1,1 @@
+"""Pydantic models of the wire API and of the stored blob."""

@@ -1,0 +1,1 @@
+"""GPU workers and the pure-PyTorch compaction core they run."""
