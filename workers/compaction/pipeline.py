@@ -1,0 +1,350 @@
+"""Compaction end to end: render, prefill once, gather reference queries, allocate budgets, solve per layer.
+
+Every layer's solve is batched over its KV heads; long documents are split into chunks of the compactable span that
+are solved independently against the same queries (one prefill, per-chunk solves), so solver memory stays bounded
+by chunk_tokens x queries whatever the document length. Sliding-window layers are kept verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from workers.compaction import budgets as budget_rules
+from workers.compaction import solvers
+from workers.compaction.cache import CompactedCache
+from workers.compaction.context import RenderedContext, render_context
+from workers.compaction.forward import chunked_forward
+from workers.compaction.methods import METHOD_NAMES, BlockFit, FitSettings, HeadBlock, keep_whole_heads, make_method
+from workers.compaction.queries import QueryRecorder, attention_modules
+from workers.compaction.reference import (QUERY_SOURCES, ReferenceQueries, capture_passes, context_positions,
+                                          plan_passes)
+from workers.compaction.timing import PhaseTimer
+from workers.compaction.types import CompactedKV, CompactedLayer
+
+BUDGET_MODES = ("auto", "uniform", "global", "profile")
+DEFAULT_KEEP_RATIO = 0.1
+
+
+class CompactionConfigError(ValueError):
+    """A compaction request that cannot be satisfied as asked (bad ratio, budget, method or source)."""
+
+
+@dataclass
+class CompactionConfig:
+    method: str = "am"
+    keep_ratio: float | None = None  # fraction of the compactable (document) tokens kept, averaged over heads
+    target_tokens: int | None = None  # alternatively: document tokens kept per head on average
+    query_sources: tuple[str, ...] = ("repeat", "context")
+    max_queries_per_head: int = 16384
+    heldout_queries_per_head: int = 1024
+    chunk_tokens: int | None = None  # solve the compactable span in chunks of this many tokens
+    budget: str = "auto"  # auto = the method's own default (global for AM and KVzip, uniform for the rest)
+    max_ratio_per_head: float = 0.75
+    min_slots_per_head: int = 4
+    on_policy: bool = False
+    self_study_tokens: int = 128
+    value_ridge: float = 1e-3
+    beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
+    nnls_iterations: int = 2
+    prefill_chunk_tokens: int = 4096
+    profile_path: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise CompactionConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        unknown = set(self.query_sources) - set(QUERY_SOURCES)
+        if not self.query_sources or unknown:
+            raise CompactionConfigError(f"query_sources must be a non-empty subset of {', '.join(QUERY_SOURCES)}")
+        if self.keep_ratio is not None and self.target_tokens is not None:
+            raise CompactionConfigError("give keep_ratio or target_tokens, not both")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise CompactionConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.target_tokens is not None and self.target_tokens < 1:
+            raise CompactionConfigError(f"target_tokens must be at least 1, got {self.target_tokens}")
+        if self.budget not in BUDGET_MODES:
+            raise CompactionConfigError(f"budget must be one of {', '.join(BUDGET_MODES)}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise CompactionConfigError("chunk_tokens must be positive")
+
+    def keep_ratio_for(self, compactable_tokens: int) -> float:
+        """The fraction of compactable tokens to keep; a budget of zero slots or above the length is an error."""
+        if self.target_tokens is not None:
+            if self.target_tokens > compactable_tokens:
+                raise CompactionConfigError(
+                    f"target_tokens {self.target_tokens} exceeds the {compactable_tokens} compactable tokens")
+            return self.target_tokens / compactable_tokens
+        ratio = DEFAULT_KEEP_RATIO if self.keep_ratio is None else self.keep_ratio
+        if math.floor(ratio * compactable_tokens) < 1:
+            raise CompactionConfigError(
+                f"keep_ratio {ratio} keeps no token of a {compactable_tokens}-token document; raise it")
+        return ratio
+
+
+@dataclass
+class CompactionResult:
+    compacted: CompactedKV
+    input_tokens: int
+    compactable_tokens: int
+    retained_slots: int
+    compaction_ratio: float  # full KV slots (tokens x layers x KV heads) / retained slots
+    phase_seconds: dict[str, float]
+    heldout_rel_error: float | None
+    budgets: list[list[int]] = field(default_factory=list)  # document slots kept, per layer per KV head
+
+
+@dataclass
+class PreparedContext:
+    """A rendered, prefilled context with its reference queries: shared by every method and ratio (the eval
+    compacts one document many ways)."""
+
+    rendered: RenderedContext
+    cache: DynamicCache
+    context_queries: ReferenceQueries
+    pass_queries: ReferenceQueries
+    passes: list
+    seconds: dict[str, float]
+
+    @property
+    def span(self) -> torch.Tensor:
+        return torch.tensor([i for i, c in enumerate(self.rendered.compactable) if c], dtype=torch.long)
+
+    def fit_queries(self, layer: int) -> torch.Tensor:
+        parts = [refs.fit_queries(layer) for refs in (self.context_queries, self.pass_queries) if layer in refs.fit]
+        return torch.cat(parts, dim=1)
+
+    def heldout_queries(self, layer: int) -> torch.Tensor:
+        parts = [refs.heldout_queries(layer) for refs in (self.context_queries, self.pass_queries)
+                 if layer in refs.heldout]
+        return torch.cat(parts, dim=1)
+
+
+def _num_kv_heads(lm) -> int:
+    return lm.text_config.num_key_value_heads
+
+
+def _query_heads_per_kv(lm) -> int:
+    return lm.text_config.num_attention_heads // _num_kv_heads(lm)
+
+
+def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> PreparedContext:
+    """Render and prefill the context and gather its reference queries (phases `prefill` and `queries`)."""
+    config.validate()
+    timer = PhaseTimer(lm.device)
+    rendered = render_context(lm.tokenizer, context)
+    generator = torch.Generator().manual_seed(config.seed)
+    groups, num_kv_heads = _query_heads_per_kv(lm), _num_kv_heads(lm)
+    tokens_per_source = max(1, math.ceil(config.max_queries_per_head / groups / len(config.query_sources)))
+    heldout_tokens = max(1, math.ceil(config.heldout_queries_per_head / groups))
+    only_context = set(config.query_sources) == {"context"}
+    context_queries, pass_queries = ReferenceQueries(), ReferenceQueries()
+    cache = DynamicCache(config=lm.model.config)
+    with timer.phase("prefill"):
+        recorder, capture, heldout_mask = None, None, None
+        if "context" in config.query_sources:
+            context_pass = context_positions(rendered, tokens_per_source, heldout_tokens if only_context else 0,
+                                             generator)
+            capture, heldout_mask = context_pass.capture_positions()
+            recorder = QueryRecorder(lm.model)
+        if recorder is None:
+            chunked_forward(lm.model, rendered.ids, cache, config.prefill_chunk_tokens)
+        else:
+            with recorder.attached():
+                chunked_forward(lm.model, rendered.ids, cache, config.prefill_chunk_tokens, recorder, capture)
+            for layer, pieces in recorder.captured.items():
+                context_queries.add(layer, torch.cat(pieces, dim=1), heldout_mask, num_kv_heads)
+    with timer.phase("queries"):
+        passes = plan_passes(lm, cache, rendered, tuple(config.query_sources), tokens_per_source, heldout_tokens,
+                             config.self_study_tokens, generator, config.seed)
+        capture_passes(lm, cache, passes, pass_queries, num_kv_heads, config.prefill_chunk_tokens)
+    return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict())
+
+
+def _chunks(span: torch.Tensor, chunk_tokens: int | None) -> list[torch.Tensor]:
+    size = span.numel() if chunk_tokens is None else chunk_tokens
+    return list(torch.split(span, size))
+
+
+def _context_log_normalizer(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                            block: int = 4096) -> torch.Tensor:
+    """log sum_j exp(s q.K_j) over every key of the context, in key blocks: (H, n)."""
+    total = None
+    for start in range(0, keys.shape[1], block):
+        part = solvers.log_mass(solvers.attention_logits(queries, keys[:, start:start + block], scaling))
+        total = part if total is None else torch.logaddexp(total, part)
+    return total
+
+
+def _profile_file(lm, config: CompactionConfig) -> Path:
+    if config.profile_path:
+        return Path(config.profile_path)
+    return Path(os.environ.get("KVC_DATA_DIR", "data")) / "profiles" / f"{lm.config_fingerprint[:16]}.json"
+
+
+def load_profile(lm, config: CompactionConfig) -> torch.Tensor:
+    path = _profile_file(lm, config)
+    if not path.is_file():
+        raise CompactionConfigError(f"no head profile at {path}: run `kvcompact calibrate` for this model first")
+    stored = json.loads(path.read_text())
+    if stored.get("config_fingerprint") != lm.config_fingerprint:
+        raise CompactionConfigError(f"head profile {path} was measured on another model")
+    return torch.tensor(stored["proportions"], dtype=torch.float64)
+
+
+def _block(lm, prepared: PreparedContext, layer: int, chunk: torch.Tensor, queries: torch.Tensor,
+           normalizer: torch.Tensor | None) -> HeadBlock:
+    cache_layer = prepared.cache.layers[layer]
+    device = cache_layer.keys.device
+    index = chunk.to(device)
+    return HeadBlock(keys=cache_layer.keys[0][:, index], values=cache_layer.values[0][:, index],
+                     queries=queries.to(device), scaling=attention_modules(lm.model)[layer].scaling,
+                     positions=chunk, context_log_normalizer=normalizer)
+
+
+def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: torch.Tensor, keep_ratio: float,
+                     mode: str, config: CompactionConfig) -> dict[int, torch.Tensor]:
+    """Slots per KV head for each compactable layer, for one chunk of the span (phase `budgets`)."""
+    heads = _num_kv_heads(lm)
+    length = chunk.numel()
+    total = max(heads * len(layers), round(keep_ratio * length * heads * len(layers)))
+    floor, cap = budget_rules.per_head_limits(length, keep_ratio, config.max_ratio_per_head, config.min_slots_per_head)
+    if mode == "uniform":
+        flat = budget_rules.uniform_budgets(heads * len(layers), length, total)
+    elif mode == "profile":
+        flat = budget_rules.profile_budgets(load_profile(lm, config), total, floor, cap)
+    else:
+        scores = []
+        for layer in layers:
+            queries = prepared.fit_queries(layer)
+            cache_layer = prepared.cache.layers[layer]
+            scaling = attention_modules(lm.model)[layer].scaling
+            normalizer = _context_log_normalizer(queries, cache_layer.keys[0], scaling)
+            block = _block(lm, prepared, layer, chunk, queries, normalizer)
+            logits = solvers.attention_logits(block.queries, block.keys, block.scaling)
+            scores.append(solvers.key_scores(logits, "max", normalizer).cpu())
+        flat = budget_rules.global_budgets(torch.cat(scores), total, floor, cap)
+    return {layer: flat[i * heads:(i + 1) * heads] for i, layer in enumerate(layers)}
+
+
+def assemble_layer(verbatim_keys: torch.Tensor, verbatim_values: torch.Tensor, fits: list[BlockFit]) -> CompactedLayer:
+    """[verbatim template slots (beta 0) | each chunk's kept slots], real slots moved to the front of every head."""
+    heads, verbatim = verbatim_keys.shape[:2]
+    device = verbatim_keys.device
+    keys = torch.cat([verbatim_keys] + [fit.keys for fit in fits], dim=1)
+    values = torch.cat([verbatim_values] + [fit.values for fit in fits], dim=1)
+    beta = torch.cat([torch.zeros(heads, verbatim, device=device)] + [fit.beta.to(device) for fit in fits], dim=1)
+    active = torch.cat([torch.ones(heads, verbatim, dtype=torch.bool, device=device)]
+                       + [fit.active.to(device) for fit in fits], dim=1)
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
+    lengths = active.sum(dim=1)
+    slots = int(lengths.max())
+    order = order[:, :slots]
+    keep = torch.gather(active, 1, order)
+    keys = solvers.gather_keys(keys, order) * keep[..., None]
+    values = solvers.gather_keys(values, order) * keep[..., None]
+    beta = torch.gather(beta, 1, order).masked_fill(~keep, float("-inf"))
+    return CompactedLayer(keys=keys, values=values, beta=beta.float(), lengths=lengths.cpu())
+
+
+def verbatim_layer(cache_layer) -> CompactedLayer:
+    """A cache layer kept as is (beta 0): sliding-window layers, and the full-cache baseline."""
+    keys, values = cache_layer.keys[0], cache_layer.values[0]
+    heads, slots = keys.shape[:2]
+    return CompactedLayer(keys=keys, values=values, beta=torch.zeros(heads, slots),
+                          lengths=torch.full((heads,), slots, dtype=torch.long),
+                          sliding=bool(getattr(cache_layer, "is_sliding", False)))
+
+
+def _on_policy_queries(lm, prepared: PreparedContext, done: dict[int, CompactedLayer], layer: int,
+                       config: CompactionConfig) -> torch.Tensor:
+    """Layer `layer`'s queries re-read with every earlier layer already compacted (the pass-based sources only)."""
+    layers = [done.get(i) or verbatim_layer(cache_layer) for i, cache_layer in enumerate(prepared.cache.layers)]
+    hybrid = CompactedCache(CompactedKV(layers=layers, original_length=len(prepared.rendered.ids)),
+                            lm.model.config, device=lm.device)
+    fresh = ReferenceQueries()
+    capture_passes(lm, hybrid, prepared.passes, fresh, _num_kv_heads(lm), config.prefill_chunk_tokens,
+                   layers={layer}, stop_after_layer=layer)
+    parts = [prepared.context_queries.fit_queries(layer)] if layer in prepared.context_queries.fit else []
+    return torch.cat(parts + [fresh.fit_queries(layer)], dim=1)
+
+
+def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) -> CompactionResult:
+    """Compact an already prepared context with `config` (method, budget, ratio...)."""
+    config.validate()
+    timer = PhaseTimer(lm.device)
+    method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, value_ridge=config.value_ridge,
+                                                    nnls_iterations=config.nnls_iterations))
+    span = prepared.span
+    keep_ratio = config.keep_ratio_for(span.numel())
+    mode = method.default_budget if config.budget == "auto" else config.budget
+    cache_layers = prepared.cache.layers
+    layers = [i for i, layer in enumerate(cache_layers) if not getattr(layer, "is_sliding", False)]
+    chunks = _chunks(span, config.chunk_tokens)
+    with timer.phase("budgets"):
+        chunk_budgets = [allocate_budgets(lm, prepared, layers, chunk, keep_ratio, mode, config) for chunk in chunks]
+    verbatim = torch.tensor([i for i, c in enumerate(prepared.rendered.compactable) if not c], dtype=torch.long)
+    done: dict[int, CompactedLayer] = {}
+    error_sq, norm_sq = 0.0, 0.0
+    for layer in layers:
+        if config.on_policy and prepared.passes and layer != layers[0]:
+            with timer.phase("queries"):
+                queries = _on_policy_queries(lm, prepared, done, layer, config)
+        else:
+            queries = prepared.fit_queries(layer)
+        heldout = prepared.heldout_queries(layer)
+        normalizer = None
+        if mode == "global" or method.name == "kvzip":
+            normalizer = _context_log_normalizer(queries, cache_layers[layer].keys[0],
+                                                 attention_modules(lm.model)[layer].scaling)
+        fits = []
+        for chunk, budgets in zip(chunks, chunk_budgets):
+            block = _block(lm, prepared, layer, chunk, queries, normalizer)
+            fit = keep_whole_heads(block, method.fit(block, budgets[layer], timer), budgets[layer])
+            fits.append(fit)
+            exact = solvers.attention_outputs(solvers.attention_logits(heldout, block.keys, block.scaling), block.values)
+            approx = solvers.compacted_weights(heldout, fit.keys, fit.beta, block.scaling) @ fit.values.float()
+            error_sq += float((approx - exact).square().sum())
+            norm_sq += float(exact.square().sum())
+        index = verbatim.to(cache_layers[layer].keys.device)
+        done[layer] = assemble_layer(cache_layers[layer].keys[0][:, index], cache_layers[layer].values[0][:, index],
+                                     fits)
+    compacted_layers = [done.get(i) or verbatim_layer(layer) for i, layer in enumerate(cache_layers)]
+    params = {k: v for k, v in asdict(config).items() if k not in ("profile_path",)}
+    compacted = CompactedKV(layers=compacted_layers, original_length=len(prepared.rendered.ids),
+                            meta={"roles": prepared.rendered.roles, "method": config.method, "params": params})
+    input_tokens = len(prepared.rendered.ids)
+    retained = compacted.retained_slots()
+    full_slots = input_tokens * len(cache_layers) * _num_kv_heads(lm)
+    seconds = dict(prepared.seconds)
+    for name, value in timer.as_dict().items():
+        seconds[name] = seconds.get(name, 0.0) + value
+    return CompactionResult(
+        compacted=compacted, input_tokens=input_tokens, compactable_tokens=span.numel(), retained_slots=retained,
+        compaction_ratio=full_slots / retained, phase_seconds=seconds,
+        heldout_rel_error=math.sqrt(error_sq / norm_sq) if norm_sq > 0 else None,
+        budgets=[[int(sum(b[layer][h] for b in chunk_budgets)) for h in range(_num_kv_heads(lm))] for layer in layers])
+
+
+def compact_context(lm, context: str | list[dict], config: CompactionConfig) -> CompactionResult:
+    """Compact a document / messages / tool outputs. Raises CompactionConfigError or ContextError on bad input."""
+    config.validate()
+    rendered_count = sum(render_context(lm.tokenizer, context).compactable)
+    config.keep_ratio_for(rendered_count)  # fail fast, before the expensive prefill
+    return compact_prepared(lm, prepare_context(lm, context, config), config)
+
+
+@torch.inference_mode()
+def full_context(lm, context: str | list[dict], prefill_chunk_tokens: int = 4096) -> CompactedKV:
+    """The uncompacted cache of a context in the same form (beta 0 everywhere): the full-cache baseline."""
+    rendered = render_context(lm.tokenizer, context)
+    cache = DynamicCache(config=lm.model.config)
+    chunked_forward(lm.model, rendered.ids, cache, prefill_chunk_tokens)
+    return CompactedKV(layers=[verbatim_layer(layer) for layer in cache.layers], original_length=len(rendered.ids),
+                       meta={"roles": rendered.roles, "method": "full", "params": {}})

@@ -1,0 +1,128 @@
+"""Where reference queries come from: passes of tokens the model reads after (or as) the context.
+
+- `context`: the document's own queries, captured during the prefill itself (free).
+- `repeat`: "Repeat the previous context verbatim." then the document teacher-forced as the answer (no generation).
+- `self-study`: the model answers a few synthetic tasks about the document (generation), then the prompt + answer
+  tokens are read back and their queries captured.
+Each source gets an equal share of the per-head query budget; tokens are subsampled uniformly, the same positions
+for every layer and head. A disjoint set of tokens is held out to measure reconstruction on queries not fitted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.compaction.context import REPEAT_PROMPT, RenderedContext, continuation_ids
+from workers.compaction.forward import chunked_forward, fork_cache
+from workers.compaction.generation import decode
+from workers.compaction.queries import QueryRecorder, pool_gqa
+
+QUERY_SOURCES = ("repeat", "self-study", "context")
+SELF_STUDY_PROMPTS = (
+    "Summarize the main points of the context.",
+    "Aggregate all the key facts mentioned in the context.",
+    "Structure the information in JSON form and include all important details like dates, times, names, and "
+    "numerical values.",
+    "Write 3 questions that test understanding of different parts of the context, and answer each of them.",
+)
+
+
+@dataclass
+class QueryPass:
+    """Tokens appended after the context, and which of their positions to capture (fitting / held out)."""
+
+    ids: list[int]
+    positions: torch.Tensor
+    heldout: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def capture_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted union of fitting and held-out positions, and a mask of the held-out ones in that order."""
+        union = torch.cat([self.positions, self.heldout]).sort().values
+        return union, torch.isin(union, self.heldout)
+
+
+@dataclass
+class ReferenceQueries:
+    """Per layer, (H_kv, n, d) float32 queries to fit on and (H_kv, m, d) held-out queries."""
+
+    fit: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    heldout: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, layer: int, raw_queries: torch.Tensor, heldout_mask: torch.Tensor, num_kv_heads: int) -> None:
+        """raw_queries: (H_q, n, d) captured in position order; split, then pool query heads per KV head."""
+        mask = heldout_mask.to(raw_queries.device)
+        self.fit.setdefault(layer, []).append(pool_gqa(raw_queries[:, ~mask], num_kv_heads))
+        self.heldout.setdefault(layer, []).append(pool_gqa(raw_queries[:, mask], num_kv_heads))
+
+    def fit_queries(self, layer: int) -> torch.Tensor:
+        return torch.cat(self.fit[layer], dim=1)
+
+    def heldout_queries(self, layer: int) -> torch.Tensor:
+        return torch.cat(self.heldout[layer], dim=1)
+
+
+def split_positions(candidates: torch.Tensor, fit_count: int, heldout_count: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint uniform subsamples of `candidates` for fitting and for held-out evaluation."""
+    shuffled = candidates[torch.randperm(candidates.numel(), generator=generator)]
+    heldout = shuffled[:heldout_count].sort().values
+    fit = shuffled[heldout_count:heldout_count + fit_count].sort().values
+    return fit, heldout
+
+
+def repeat_pass_ids(tokenizer, rendered: RenderedContext) -> list[int]:
+    prompt = continuation_ids(tokenizer, rendered.roles, [{"role": "user", "content": REPEAT_PROMPT}])
+    return prompt + [token for token, compactable in zip(rendered.ids, rendered.compactable) if compactable]
+
+
+def self_study_pass_ids(lm, cache, rendered: RenderedContext, max_new_tokens: int, seed: int) -> list[list[int]]:
+    """One pass per synthetic task: its prompt plus the model's own (sampled) answer."""
+    passes = []
+    for index, prompt in enumerate(SELF_STUDY_PROMPTS):
+        prompt_ids = continuation_ids(lm.tokenizer, rendered.roles, [{"role": "user", "content": prompt}])
+        answer = list(decode(lm, fork_cache(cache), prompt_ids, max_new_tokens, temperature=0.7, top_p=0.8,
+                             seed=seed + index))
+        passes.append(prompt_ids + answer)
+    return passes
+
+
+def plan_passes(lm, cache, rendered: RenderedContext, sources: tuple[str, ...], tokens_per_source: int,
+                heldout_tokens: int, self_study_tokens: int, generator: torch.Generator, seed: int) -> list[QueryPass]:
+    """The appended-token passes (repeat, self-study) with their capture positions. The first pass also supplies
+    the held-out tokens."""
+    sequences: list[tuple[list[int], int]] = []
+    if "repeat" in sources:
+        sequences.append((repeat_pass_ids(lm.tokenizer, rendered), tokens_per_source))
+    if "self-study" in sources:
+        share = math.ceil(tokens_per_source / len(SELF_STUDY_PROMPTS))
+        sequences += [(ids, share) for ids in self_study_pass_ids(lm, cache, rendered, self_study_tokens, seed)]
+    passes = []
+    for index, (ids, count) in enumerate(sequences):
+        held = heldout_tokens if index == 0 else 0
+        fit, heldout = split_positions(torch.arange(len(ids)), count, held, generator)
+        passes.append(QueryPass(ids=ids, positions=fit, heldout=heldout))
+    return passes
+
+
+def capture_passes(lm, cache, passes: list[QueryPass], into: ReferenceQueries, num_kv_heads: int,
+                   chunk_tokens: int, layers: set[int] | None = None, stop_after_layer: int | None = None) -> None:
+    """Run every pass on a fork of `cache` and add its queries (all layers, or `layers`) to `into`."""
+    for query_pass in passes:
+        recorder = QueryRecorder(lm.model, layers=layers, stop_after_layer=stop_after_layer)
+        capture, heldout_mask = query_pass.capture_positions()
+        with recorder.attached():
+            chunked_forward(lm.model, query_pass.ids, fork_cache(cache), chunk_tokens, recorder, capture)
+        for layer, pieces in recorder.captured.items():
+            into.add(layer, torch.cat(pieces, dim=1), heldout_mask, num_kv_heads)
+
+
+def context_positions(rendered: RenderedContext, count: int, heldout_count: int,
+                      generator: torch.Generator) -> QueryPass:
+    """The document's own tokens as a query source (captured during the prefill)."""
+    span = torch.tensor([i for i, compactable in enumerate(rendered.compactable) if compactable])
+    fit, heldout = split_positions(span, count, heldout_count, generator)
+    return QueryPass(ids=rendered.ids, positions=fit, heldout=heldout)
+

@@ -1,0 +1,207 @@
+"""The Attention Matching math, as pure functions over tensors batched over the KV heads of one layer.
+
+Shapes: H KV heads, n reference queries per head, T keys in the block being compacted, t kept slots, d head dim.
+Heads may keep different numbers of slots (ragged budgets): every function takes an `active` (H, t) mask and treats
+inactive columns as absent. All fitting runs in float32/float64 whatever the model dtype.
+
+For a compacted block (C_k, beta, C_v) of an original block (K, V), on every reference query q (scale s):
+  mass    sum_j exp(s q.C_k_j + beta_j)            ~= sum_{j<=T} exp(s q.K_j)          (fit beta, NNLS on w = e^beta)
+  output  softmax(s q C_k^T + beta) C_v            ~= softmax(s q K^T) V                (fit C_v, least squares)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+RIDGE_FLOOR = 1e-12
+
+
+def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(H, n, d) x (H, T, d) -> (H, n, T) scaled logits in float32."""
+    return torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+
+
+def mass_features(logits: torch.Tensor) -> torch.Tensor:
+    """Phi = exp(s - rowmax(s)): each query's equation scaled by its own max so every row's largest feature is 1."""
+    return torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+
+
+def attention_outputs(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) @ values in float32: (H, n, T) x (H, T, d) -> (H, n, d)."""
+    return torch.matmul(torch.softmax(logits, dim=-1), values.float())
+
+
+def key_scores(logits: torch.Tensor, reduction: str, log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of every key from the attention weights it receives, reduced over queries: (H, n, T) -> (H, T).
+
+    reduction: "rms" (AM's default), "mean" (H2O / SnapKV), "max" (KVzip). With `log_normalizer` (H, n), the weights
+    are normalised over the whole context instead of this block, which makes scores comparable across heads and
+    layers (what a global budget needs).
+    """
+    if log_normalizer is None:
+        weights = torch.softmax(logits, dim=-1)
+    else:
+        weights = torch.exp(logits - log_normalizer[..., None])
+    if reduction == "rms":
+        return weights.square().mean(dim=1).sqrt()
+    if reduction == "mean":
+        return weights.mean(dim=1)
+    if reduction == "max":
+        return weights.amax(dim=1)
+    raise ValueError(f"unknown score reduction {reduction!r}")
+
+
+def select_top(scores: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the indices of its budgets[h] highest-scoring keys, padded to max(budgets): (indices, active)."""
+    slots = int(budgets.max())
+    indices = torch.topk(scores, slots, dim=-1, sorted=True).indices
+    active = torch.arange(slots, device=scores.device)[None, :] < budgets[:, None].to(scores.device)
+    return indices, active
+
+
+def gather_keys(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tensor (H, T, ...) gathered along T with indices (H, t)."""
+    expanded = indices.reshape(*indices.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    return torch.gather(tensor, 1, expanded)
+
+
+def gather_columns(matrix: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """matrix (H, n, T) -> (H, n, t) columns at indices (H, t)."""
+    return torch.gather(matrix, 2, indices[:, None, :].expand(-1, matrix.shape[1], -1))
+
+
+def _spectral_norm_sq(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
+    """Largest eigenvalue of each symmetric PSD (H, t, t) matrix by power iteration: (H,)."""
+    vector = torch.ones(gram.shape[0], gram.shape[1], 1, dtype=gram.dtype, device=gram.device)
+    for _ in range(iterations):
+        vector = gram @ vector
+        vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(RIDGE_FLOOR)
+    return (vector.transpose(1, 2) @ gram @ vector).reshape(-1).clamp_min(RIDGE_FLOOR)
+
+
+def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    """(gram + ridge I) x = rhs for each head; Cholesky, with a least-squares fallback for any failed head."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    system = gram + ridge[:, None, None] * eye
+    factor, info = torch.linalg.cholesky_ex(system)
+    solution = torch.cholesky_solve(rhs, factor)
+    failed = info != 0
+    if bool(failed.any()):
+        solution[failed] = torch.linalg.lstsq(system[failed].cpu(), rhs[failed].cpu()).solution.to(solution)
+    return solution
+
+
+def solve_mass_weights(features: torch.Tensor, target: torch.Tensor, active: torch.Tensor, lower: float,
+                       upper: float, iterations: int) -> torch.Tensor:
+    """Box-constrained least squares  min ||M w - y||  s.t.  lower <= w <= upper  for w = exp(beta).
+
+    features M (H, n, t) are the mass features of the kept keys, target y (H, n) the row sums over *all* original
+    keys. Start from the unconstrained least-squares solution, clamp it into the box, then take `iterations`
+    projected-gradient steps of size 1/||M||^2. Inactive columns come back as 0.
+    """
+    design = (features * active[:, None, :]).double()
+    gram = design.transpose(1, 2) @ design
+    rhs = design.transpose(1, 2) @ target.double()[..., None]
+    scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
+    weights = _solve_spd(gram, rhs, 1e-9 * scale + RIDGE_FLOOR).clamp(lower, upper)
+    if iterations > 0:
+        step = 1.0 / _spectral_norm_sq(gram)
+        for _ in range(iterations):
+            weights = (weights - step[:, None, None] * (gram @ weights - rhs)).clamp(lower, upper)
+    return (weights[..., 0] * active).float()
+
+
+def compacted_weights(queries: torch.Tensor, c_keys: torch.Tensor, beta: torch.Tensor, scaling: float) -> torch.Tensor:
+    """softmax(s q C_k^T + beta) over the kept slots: (H, n, t). Padding slots (beta = -inf) get weight 0."""
+    return torch.softmax(attention_logits(queries, c_keys, scaling) + beta[:, None, :], dim=-1)
+
+
+def fit_values(weights: torch.Tensor, target_outputs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C_v = argmin ||X C_v - Y||^2 + lambda ||C_v||^2 with lambda = ridge * sigma_max(X)^2: (H, t, d) float32.
+
+    A small ridge (relative to X's spectral norm, so it is scale free) keeps columns whose weights are nearly zero on
+    every reference query from being inflated by least squares; padding columns (all-zero) come back as 0.
+    """
+    design = weights.double()
+    gram = design.transpose(1, 2) @ design
+    rhs = design.transpose(1, 2) @ target_outputs.double()
+    regulariser = ridge * _spectral_norm_sq(gram) + RIDGE_FLOOR
+    return _solve_spd(gram, rhs, regulariser).float()
+
+
+def log_weights(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """beta = log w on active slots, -inf on padding."""
+    beta = torch.log(weights.clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.where(active, beta, torch.full_like(beta, float("-inf")))
+
+
+def omp_select(features: torch.Tensor, target: torch.Tensor, budgets: torch.Tensor, keys_per_step: int,
+               refit_interval: int, lower: float, upper: float, drop_below_beta: float = -7.0,
+               refinement_rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit on the mass features (the paper's Algorithms 1/2), batched over heads.
+
+    Repeatedly adds, per head, the `keys_per_step` keys most correlated (signed) with the mass residual y - M_S w,
+    refitting w (least squares + clamp) every `refit_interval` steps; new keys get the lower bound in between.
+    Afterwards keys whose beta ends below `drop_below_beta` are dropped, excluded for good and replaced (at most
+    `refinement_rounds` times). Returns (indices (H, t), active (H, t), weights (H, t)).
+    """
+    heads, _, length = features.shape
+    device = features.device
+    slots = int(budgets.max())
+    budgets = budgets.to(device)
+    indices = torch.zeros(heads, slots, dtype=torch.long, device=device)
+    counts = torch.zeros(heads, dtype=torch.long, device=device)
+    excluded = torch.zeros(heads, length, dtype=torch.bool, device=device)
+    weights = torch.zeros(heads, slots, device=device)
+    column = torch.arange(slots, device=device)
+    head_index = torch.arange(heads, device=device)[:, None]
+    for _ in range(refinement_rounds + 1):
+        step = 0
+        while bool((counts < budgets).any()):
+            active = column[None, :] < counts[:, None]
+            residual = target - (gather_columns(features, indices) * (weights * active)[:, None, :]).sum(-1)
+            correlation = torch.einsum("hnt,hn->ht", features, residual)
+            taken = excluded.clone()
+            taken[head_index.expand(-1, slots)[active], indices[active]] = True
+            correlation = correlation.masked_fill(taken, float("-inf"))
+            new_keys = torch.topk(correlation, keys_per_step, dim=-1).indices
+            take = (budgets - counts).clamp(min=0, max=keys_per_step)
+            offsets = torch.arange(keys_per_step, device=device)[None, :]
+            valid = offsets < take[:, None]
+            destination = (counts[:, None] + offsets).clamp(max=slots - 1)
+            indices[head_index.expand(-1, keys_per_step)[valid], destination[valid]] = new_keys[valid]
+            weights[head_index.expand(-1, keys_per_step)[valid], destination[valid]] = lower
+            counts = counts + take
+            active = column[None, :] < counts[:, None]
+            if step % refit_interval == 0:
+                weights = solve_mass_weights(gather_columns(features, indices), target, active, lower, upper, 0)
+            step += 1
+        active = column[None, :] < counts[:, None]
+        weights = solve_mass_weights(gather_columns(features, indices), target, active, lower, upper, 0)
+        dropped = active & (torch.log(weights.clamp_min(RIDGE_FLOOR)) < drop_below_beta)
+        if not bool(dropped.any()):
+            break
+        excluded[head_index.expand(-1, slots)[dropped], indices[dropped]] = True
+        # Keep the surviving keys in front, then let the loop refill the freed slots.
+        order = torch.argsort((~active | dropped).to(torch.int8), dim=1, stable=True)
+        indices, weights = torch.gather(indices, 1, order), torch.gather(weights, 1, order)
+        counts = counts - dropped.sum(dim=1)
+        available = (~excluded).sum(dim=1)
+        budgets = torch.minimum(budgets, available)
+    active = column[None, :] < counts[:, None]
+    return indices, active, weights * active
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact|| / ||exact|| over all heads and queries."""
+    return float((approx - exact).norm() / exact.norm().clamp_min(RIDGE_FLOOR))
+
+
+def log_mass(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_j exp(logits): (H, n, T) -> (H, n)."""
+    return torch.logsumexp(logits, dim=-1)
+
+
+DEFAULT_BETA_BOUNDS = (math.exp(-3.0), math.exp(7.0))

@@ -1,0 +1,80 @@
+"""`kvcompact eval`: accuracy / log-perplexity vs keep ratio for every method, in-process or through the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from workers.eval.methods import MethodError, parse_method
+
+DEFAULT_KEEP_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2)
+DEFAULT_METHODS = ("full", "none", "truncate", "h2o", "snapkv", "kvzip", "am", "am-omp-fast", "summary", "summary+am")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, nargs="+", type=Path, help="JSONL file(s) in shared/data format")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (results, plots, cache/ for resuming)")
+    parser.add_argument("--limit", type=int, default=None, help="first N documents of each dataset")
+    parser.add_argument("--max-questions-per-doc", type=int, default=None, help="first K questions of each document")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help="method names, e.g. am 'am[budget=uniform]' summary+am (default: %(default)s)")
+    parser.add_argument("--keep-ratios", nargs="+", type=float, default=list(DEFAULT_KEEP_RATIOS),
+                        help="fractions of the KV cache kept (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="model source: bundled | tiny-<family> | HF dir (in-process, default bundled); "
+                             "the served model id with --endpoint (default: the first one listed)")
+    parser.add_argument("--device", default="auto", help="in-process device (auto | cpu | cuda)")
+    parser.add_argument("--dtype", default="auto", help="in-process dtype (auto | bfloat16 | float16 | float32)")
+    parser.add_argument("--endpoint", default=None, help="run through the HTTP API at this URL instead of in-process")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "none"), help="API key for --endpoint")
+    parser.add_argument("--with-kvpress", action="store_true",
+                        help="also run NVIDIA kvpress presses in their own virtual environment (in-process mode only)")
+
+
+def _validate(args: argparse.Namespace) -> str | None:
+    """An error message for arguments that cannot work, before any model is loaded."""
+    if any(not 0 < r <= 1 for r in args.keep_ratios):
+        return "keep ratios must be in (0, 1]"
+    if args.limit is not None and args.limit < 1 or args.max_questions_per_doc is not None and args.max_questions_per_doc < 1:
+        return "--limit and --max-questions-per-doc must be at least 1"
+    if args.with_kvpress and args.endpoint:
+        return "--with-kvpress runs in-process only (kvpress loads the model itself)"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from workers.eval.backends import InProcessBackend
+    from workers.eval.endpoint import HttpBackend
+    from workers.eval.report import aggregate, write_report
+    from workers.eval.resultcache import ResultStore
+    from workers.eval.runner import EvalPlan, run_eval
+
+    error = _validate(args)
+    try:
+        methods = tuple(parse_method(name) for name in args.methods)
+    except MethodError as exc:
+        error = str(exc)
+    if error:
+        print(f"kvcompact eval: {error}", file=sys.stderr)
+        return 2
+    plan = EvalPlan(datasets=tuple(args.dataset), methods=methods, keep_ratios=tuple(args.keep_ratios),
+                    limit=args.limit, max_questions=args.max_questions_per_doc)
+    if args.endpoint:
+        backend = HttpBackend(args.endpoint, args.model, args.api_key)
+        label = f"http-{backend.model}"
+    else:
+        from workers.models.loading import load_model
+
+        source = args.model or "bundled"
+        backend, label = InProcessBackend(load_model(source, dtype=args.dtype, device=args.device)), source
+    store = ResultStore(args.out, label)
+    records = run_eval(backend, plan, store)
+    if args.with_kvpress:
+        from workers.eval.kvpress_side import run_kvpress
+
+        records += run_kvpress(plan, args.model or "bundled", store, dtype=args.dtype, device=args.device)
+    written = write_report(aggregate(records), args.out)
+    print("\n".join(str(path) for path in written))
+    return 0

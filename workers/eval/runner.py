@@ -1,0 +1,113 @@
+"""The eval loop: per document, the full cache and its reference answers once, then every method x keep ratio.
+
+Each (dataset, document, method, ratio) result is a record in the ResultStore; records already there are reused, so
+a stopped run resumes where it stopped and a larger run reuses a smaller one. The full cache's greedy answers are the
+references: log_ppl is minus their mean log-prob under a method's cache, kl the next-token KL(full || method) at the
+first answer position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from workers.eval.backends import Answer, Backend, BuiltContext, kl_divergence
+from workers.eval.datasets import Document, Question, dataset_name, load_dataset
+from workers.eval.methods import FULL, MethodSpec, SummaryMemo, build_context
+from workers.eval.prompts import QuestionPrompt, context_message, question_prompt
+from workers.eval.resultcache import ResultStore
+from workers.eval.scoring import is_correct
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to run: datasets x first `limit` documents x first `max_questions` questions x methods x keep ratios."""
+
+    datasets: tuple[Path, ...]
+    methods: tuple[MethodSpec, ...]
+    keep_ratios: tuple[float, ...]
+    limit: int | None = None
+    max_questions: int | None = None
+
+    def units(self) -> list[tuple[MethodSpec, float]]:
+        """(method, keep ratio) pairs run on every document; ratio-free methods appear once."""
+        return [(spec, ratio) for spec in self.methods for ratio in spec.keep_ratios(list(self.keep_ratios))]
+
+
+@dataclass
+class _Reference:
+    """What the full cache says for one question: its greedy answer and next-token log-probs."""
+
+    prompt: QuestionPrompt
+    answer: Answer
+    next_token: object
+
+
+class _DocumentEval:
+    """Evaluates one document; builds the full cache and the references only if some unit is not cached."""
+
+    def __init__(self, backend: Backend, document: Document, questions: tuple[Question, ...]) -> None:
+        self.backend, self.document, self.questions = backend, document, questions
+        self.summaries = SummaryMemo()
+        self._full: BuiltContext | None = None
+        self._references: list[_Reference] | None = None
+
+    @property
+    def full(self) -> BuiltContext:
+        if self._full is None:
+            self._full = self.backend.full(context_message(self.document))
+        return self._full
+
+    @property
+    def references(self) -> list[_Reference]:
+        if self._references is None:
+            self._references = []
+            for question in self.questions:
+                prompt = question_prompt(self.document, question)
+                answer = self.backend.generate(self.full, prompt.text, prompt.max_new_tokens)
+                self._references.append(_Reference(prompt, answer, self.backend.next_token_logprobs(self.full, prompt.text)))
+        return self._references
+
+    def evaluate(self, spec: MethodSpec, keep_ratio: float) -> dict:
+        """One record: build the method's cache, ask every question, score against gold and the full cache."""
+        context = build_context(self.backend, spec, context_message(self.document), keep_ratio, self.full, self.summaries)
+        rows = []
+        for index, (question, reference) in enumerate(zip(self.questions, self.references)):
+            prompt = reference.prompt
+            if spec.kind == FULL:
+                answer, next_token = reference.answer, reference.next_token
+            else:
+                answer = self.backend.generate(context, prompt.text, prompt.max_new_tokens)
+                next_token = self.backend.next_token_logprobs(context, prompt.text)
+            logprob = self.backend.answer_logprob(context, prompt.text, reference.answer)
+            kl = None if next_token is None or reference.next_token is None else kl_divergence(reference.next_token, next_token)
+            rows.append({"index": index, "prediction": answer.text, "reference": reference.answer.text,
+                         "correct": is_correct(question, answer.text),
+                         "log_ppl": None if logprob is None else -logprob, "kl": kl})
+        return {"doc_id": self.document.id, "method": spec.name, "keep_ratio": keep_ratio,
+                "input_tokens": context.input_tokens if spec.kind != FULL else self.full.input_tokens,
+                "retained_slots": context.retained_slots, "bytes": context.bytes,
+                "compaction_seconds": context.seconds, "phase_seconds": context.phase_seconds, "questions": rows}
+
+
+def run_eval(backend: Backend, plan: EvalPlan, store: ResultStore) -> list[dict]:
+    """Run (or reuse) every unit of the plan; returns all records, cached ones included."""
+    corpora = [(dataset_name(path), load_dataset(path, plan.limit)) for path in plan.datasets]
+    total = sum(len(docs) * len(plan.units()) for _, docs in corpora)
+    records: list[dict] = []
+    with tqdm(total=total, desc="eval", unit="run") as bar:
+        for name, documents in corpora:
+            for document in documents:
+                questions = document.questions[: plan.max_questions]
+                doc_eval = _DocumentEval(backend, document, questions)
+                for spec, ratio in plan.units():
+                    bar.set_postfix_str(f"{name}/{document.id} {spec.name}@{ratio:g}")
+                    record = store.load(name, document.id, spec.name, ratio, len(questions))
+                    if record is None:
+                        record = {"dataset": name, **doc_eval.evaluate(spec, ratio)}
+                        store.save(record)
+                    records.append(record)
+                    bar.update(1)
+    return records
