@@ -27,7 +27,7 @@ class HeadBlock:
     queries: torch.Tensor  # (H, n, d) reference queries, float32
     scaling: float
     positions: torch.Tensor  # (T,) original token positions of the block's keys
-    context_log_normalizer: torch.Tensor | None = None  # (H, n) log-sum-exp of each query over the whole context
+    context_scores: torch.Tensor | None = None  # (H, T) KVzip importance: max weight, normalised over the context
 
 
 @dataclass
@@ -107,13 +107,14 @@ class ScoredEviction(CompactionMethod):
 
     reduction: ClassVar[str]
     pool_kernel: ClassVar[int] = 0
-    normalise_over_context: ClassVar[bool] = False
+
+    def scores(self, block: HeadBlock) -> torch.Tensor:
+        logits = solvers.attention_logits(block.queries, block.keys, block.scaling)
+        return solvers.key_scores(logits, self.reduction)
 
     def fit(self, block: HeadBlock, budgets: torch.Tensor, timer: PhaseTimer) -> BlockFit:
         with timer.phase("key_selection"):
-            logits = solvers.attention_logits(block.queries, block.keys, block.scaling)
-            normalizer = block.context_log_normalizer if self.normalise_over_context else None
-            scores = solvers.key_scores(logits, self.reduction, normalizer)
+            scores = self.scores(block)
             if self.pool_kernel:
                 scores = F.max_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, 0]
             indices, active = solvers.select_top(scores, budgets)
@@ -140,8 +141,11 @@ class KVzip(ScoredEviction):
 
     name = "kvzip"
     reduction = "max"
-    normalise_over_context = True
     default_budget = "global"
+
+    def scores(self, block: HeadBlock) -> torch.Tensor:
+        # The context-normalised scores are the ones the global budget was allocated from: measured once per context.
+        return block.context_scores
 
 
 class AttentionMatching(CompactionMethod):

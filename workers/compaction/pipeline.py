@@ -23,12 +23,14 @@ from workers.compaction.context import RenderedContext, render_context
 from workers.compaction.forward import chunked_forward
 from workers.compaction.methods import METHOD_NAMES, BlockFit, FitSettings, HeadBlock, keep_whole_heads, make_method
 from workers.compaction.queries import QueryRecorder, attention_modules
+from workers.compaction.reconstruction import ReconstructionMeter
 from workers.compaction.reference import (QUERY_SOURCES, ReferenceQueries, capture_passes, context_positions,
                                           plan_passes)
 from workers.compaction.timing import PhaseTimer
 from workers.compaction.types import CompactedKV, CompactedLayer
 
 BUDGET_MODES = ("auto", "uniform", "global", "profile")
+KEY_BLOCK = 4096  # keys per matmul when scanning a whole context: bounds memory at (H, n, KEY_BLOCK)
 DEFAULT_KEEP_RATIO = 0.1
 
 
@@ -97,7 +99,9 @@ class CompactionResult:
     compaction_ratio: float  # full KV slots (tokens x layers x KV heads) / retained slots
     phase_seconds: dict[str, float]
     heldout_rel_error: float | None
-    budgets: list[list[int]] = field(default_factory=list)  # document slots kept, per layer per KV head
+    heldout_log_mass_error: float | None = None
+    heldout_head_errors: list[list[float]] = field(default_factory=list)  # per compacted layer, per KV head
+    budgets: list[list[int]] = field(default_factory=list)  # document slots kept, per compacted layer per KV head
 
 
 @dataclass
@@ -111,10 +115,26 @@ class PreparedContext:
     pass_queries: ReferenceQueries
     passes: list
     seconds: dict[str, float]
+    importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, span) KVzip scores
 
     @property
     def span(self) -> torch.Tensor:
         return torch.tensor([i for i, c in enumerate(self.rendered.compactable) if c], dtype=torch.long)
+
+    def key_importance(self, lm, layer: int) -> torch.Tensor:
+        """Every compactable key's largest attention weight over the reference queries, normalised over the whole
+        context (KVzip's measure; comparable across heads and layers). Measured once per context and layer."""
+        if layer not in self.importance:
+            queries = self.fit_queries(layer)
+            keys = self.cache.layers[layer].keys[0]
+            scaling = attention_modules(lm.model)[layer].scaling
+            normalizer = _context_log_normalizer(queries, keys, scaling)
+            span_keys = keys[:, self.span.to(keys.device)]
+            self.importance[layer] = torch.cat([
+                solvers.key_scores(solvers.attention_logits(queries, span_keys[:, start:start + KEY_BLOCK], scaling),
+                                   "max", normalizer)
+                for start in range(0, span_keys.shape[1], KEY_BLOCK)], dim=1)
+        return self.importance[layer]
 
     def fit_queries(self, layer: int) -> torch.Tensor:
         parts = [refs.fit_queries(layer) for refs in (self.context_queries, self.pass_queries) if layer in refs.fit]
@@ -167,29 +187,29 @@ def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> 
     return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict())
 
 
-def _chunks(span: torch.Tensor, chunk_tokens: int | None) -> list[torch.Tensor]:
-    size = span.numel() if chunk_tokens is None else chunk_tokens
-    return list(torch.split(span, size))
+def _chunks(span_length: int, chunk_tokens: int | None) -> list[slice]:
+    """Slices of the compactable span solved independently."""
+    size = span_length if chunk_tokens is None else chunk_tokens
+    return [slice(start, min(start + size, span_length)) for start in range(0, span_length, size)]
 
 
-def _context_log_normalizer(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
-                            block: int = 4096) -> torch.Tensor:
+def _context_log_normalizer(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """log sum_j exp(s q.K_j) over every key of the context, in key blocks: (H, n)."""
     total = None
-    for start in range(0, keys.shape[1], block):
-        part = solvers.log_mass(solvers.attention_logits(queries, keys[:, start:start + block], scaling))
+    for start in range(0, keys.shape[1], KEY_BLOCK):
+        part = solvers.log_mass(solvers.attention_logits(queries, keys[:, start:start + KEY_BLOCK], scaling))
         total = part if total is None else torch.logaddexp(total, part)
     return total
 
 
-def _profile_file(lm, config: CompactionConfig) -> Path:
+def profile_file(lm, config: CompactionConfig) -> Path:
     if config.profile_path:
         return Path(config.profile_path)
     return Path(os.environ.get("KVC_DATA_DIR", "data")) / "profiles" / f"{lm.config_fingerprint[:16]}.json"
 
 
 def load_profile(lm, config: CompactionConfig) -> torch.Tensor:
-    path = _profile_file(lm, config)
+    path = profile_file(lm, config)
     if not path.is_file():
         raise CompactionConfigError(f"no head profile at {path}: run `kvcompact calibrate` for this model first")
     stored = json.loads(path.read_text())
@@ -198,21 +218,22 @@ def load_profile(lm, config: CompactionConfig) -> torch.Tensor:
     return torch.tensor(stored["proportions"], dtype=torch.float64)
 
 
-def _block(lm, prepared: PreparedContext, layer: int, chunk: torch.Tensor, queries: torch.Tensor,
-           normalizer: torch.Tensor | None) -> HeadBlock:
+def _block(lm, prepared: PreparedContext, layer: int, chunk: slice, queries: torch.Tensor,
+           with_scores: bool) -> HeadBlock:
     cache_layer = prepared.cache.layers[layer]
-    device = cache_layer.keys.device
-    index = chunk.to(device)
+    positions = prepared.span[chunk]
+    index = positions.to(cache_layer.keys.device)
     return HeadBlock(keys=cache_layer.keys[0][:, index], values=cache_layer.values[0][:, index],
-                     queries=queries.to(device), scaling=attention_modules(lm.model)[layer].scaling,
-                     positions=chunk, context_log_normalizer=normalizer)
+                     queries=queries.to(cache_layer.keys.device), scaling=attention_modules(lm.model)[layer].scaling,
+                     positions=positions,
+                     context_scores=prepared.key_importance(lm, layer)[:, chunk] if with_scores else None)
 
 
-def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: torch.Tensor, keep_ratio: float,
+def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: slice, keep_ratio: float,
                      mode: str, config: CompactionConfig) -> dict[int, torch.Tensor]:
     """Slots per KV head for each compactable layer, for one chunk of the span (phase `budgets`)."""
     heads = _num_kv_heads(lm)
-    length = chunk.numel()
+    length = chunk.stop - chunk.start
     total = max(heads * len(layers), round(keep_ratio * length * heads * len(layers)))
     floor, cap = budget_rules.per_head_limits(length, keep_ratio, config.max_ratio_per_head, config.min_slots_per_head)
     if mode == "uniform":
@@ -220,16 +241,8 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: to
     elif mode == "profile":
         flat = budget_rules.profile_budgets(load_profile(lm, config), total, floor, cap)
     else:
-        scores = []
-        for layer in layers:
-            queries = prepared.fit_queries(layer)
-            cache_layer = prepared.cache.layers[layer]
-            scaling = attention_modules(lm.model)[layer].scaling
-            normalizer = _context_log_normalizer(queries, cache_layer.keys[0], scaling)
-            block = _block(lm, prepared, layer, chunk, queries, normalizer)
-            logits = solvers.attention_logits(block.queries, block.keys, block.scaling)
-            scores.append(solvers.key_scores(logits, "max", normalizer).cpu())
-        flat = budget_rules.global_budgets(torch.cat(scores), total, floor, cap)
+        scores = torch.cat([prepared.key_importance(lm, layer)[:, chunk].cpu() for layer in layers])
+        flat = budget_rules.global_budgets(scores, total, floor, cap)
     return {layer: flat[i * heads:(i + 1) * heads] for i, layer in enumerate(layers)}
 
 
@@ -286,12 +299,12 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     mode = method.default_budget if config.budget == "auto" else config.budget
     cache_layers = prepared.cache.layers
     layers = [i for i, layer in enumerate(cache_layers) if not getattr(layer, "is_sliding", False)]
-    chunks = _chunks(span, config.chunk_tokens)
+    chunks = _chunks(span.numel(), config.chunk_tokens)
     with timer.phase("budgets"):
         chunk_budgets = [allocate_budgets(lm, prepared, layers, chunk, keep_ratio, mode, config) for chunk in chunks]
     verbatim = torch.tensor([i for i, c in enumerate(prepared.rendered.compactable) if not c], dtype=torch.long)
     done: dict[int, CompactedLayer] = {}
-    error_sq, norm_sq = 0.0, 0.0
+    meter = ReconstructionMeter()
     for layer in layers:
         if config.on_policy and prepared.passes and layer != layers[0]:
             with timer.phase("queries"):
@@ -299,19 +312,12 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
         else:
             queries = prepared.fit_queries(layer)
         heldout = prepared.heldout_queries(layer)
-        normalizer = None
-        if mode == "global" or method.name == "kvzip":
-            normalizer = _context_log_normalizer(queries, cache_layers[layer].keys[0],
-                                                 attention_modules(lm.model)[layer].scaling)
         fits = []
         for chunk, budgets in zip(chunks, chunk_budgets):
-            block = _block(lm, prepared, layer, chunk, queries, normalizer)
+            block = _block(lm, prepared, layer, chunk, queries, with_scores=method.name == "kvzip")
             fit = keep_whole_heads(block, method.fit(block, budgets[layer], timer), budgets[layer])
             fits.append(fit)
-            exact = solvers.attention_outputs(solvers.attention_logits(heldout, block.keys, block.scaling), block.values)
-            approx = solvers.compacted_weights(heldout, fit.keys, fit.beta, block.scaling) @ fit.values.float()
-            error_sq += float((approx - exact).square().sum())
-            norm_sq += float(exact.square().sum())
+            meter.add_block(layer, heldout.to(block.keys.device), block, fit)
         index = verbatim.to(cache_layers[layer].keys.device)
         done[layer] = assemble_layer(cache_layers[layer].keys[0][:, index], cache_layers[layer].values[0][:, index],
                                      fits)
@@ -328,7 +334,8 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     return CompactionResult(
         compacted=compacted, input_tokens=input_tokens, compactable_tokens=span.numel(), retained_slots=retained,
         compaction_ratio=full_slots / retained, phase_seconds=seconds,
-        heldout_rel_error=math.sqrt(error_sq / norm_sq) if norm_sq > 0 else None,
+        heldout_rel_error=meter.rel_error(), heldout_log_mass_error=meter.log_mass_error(),
+        heldout_head_errors=meter.head_rel_errors(),
         budgets=[[int(sum(b[layer][h] for b in chunk_budgets)) for h in range(_num_kv_heads(lm))] for layer in layers])
 
 

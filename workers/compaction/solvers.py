@@ -19,8 +19,11 @@ RIDGE_FLOOR = 1e-12
 
 
 def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(H, n, d) x (H, T, d) -> (H, n, T) scaled logits in float32."""
-    return torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    """(H, n, d) x (H, T, d) -> (H, n, T) scaled logits in float32.
+
+    The product runs in the keys' dtype (bf16 on real models, as the reference does: several times faster) and is
+    upcast before any exp, softmax or solve."""
+    return torch.matmul(queries.to(keys.dtype), keys.transpose(-1, -2)).float() * scaling
 
 
 def mass_features(logits: torch.Tensor) -> torch.Tensor:
@@ -101,11 +104,24 @@ def solve_mass_weights(features: torch.Tensor, target: torch.Tensor, active: tor
     keys. Start from the unconstrained least-squares solution, clamp it into the box, then take `iterations`
     projected-gradient steps of size 1/||M||^2. Inactive columns come back as 0.
     """
-    design = (features * active[:, None, :]).double()
-    gram = design.transpose(1, 2) @ design
-    rhs = design.transpose(1, 2) @ target.double()[..., None]
+    design = features * active[:, None, :]
+    # Products in float32 (the n x t^2 bulk of the work), the t x t solve in float64.
+    gram = (design.transpose(1, 2) @ design).double()
+    rhs = (design.transpose(1, 2) @ target[..., None]).double()
     scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
-    weights = _solve_spd(gram, rhs, 1e-9 * scale + RIDGE_FLOOR).clamp(lower, upper)
+    clamped_lstsq = _solve_spd(gram, rhs, 1e-9 * scale + RIDGE_FLOOR).clamp(lower, upper)
+    # When the kept keys' features are nearly collinear (flat attention) the unconstrained solution swings to huge
+    # positive and negative weights and clamping wrecks it; the best *uniform* weight is then far better. Start from
+    # whichever of the two fits the mass better.
+    ones = active[..., None].double()
+    uniform = ((ones.transpose(1, 2) @ rhs) / (ones.transpose(1, 2) @ gram @ ones).clamp_min(RIDGE_FLOOR))
+    uniform = (uniform * ones).clamp(lower, upper)
+
+    def objective(w: torch.Tensor) -> torch.Tensor:  # ||Mw - y||^2 up to the constant ||y||^2
+        return (w.transpose(1, 2) @ gram @ w - 2 * w.transpose(1, 2) @ rhs).reshape(-1)
+
+    use_uniform = (objective(uniform) < objective(clamped_lstsq))[:, None, None]
+    weights = torch.where(use_uniform, uniform, clamped_lstsq)
     if iterations > 0:
         step = 1.0 / _spectral_norm_sq(gram)
         for _ in range(iterations):
@@ -124,9 +140,8 @@ def fit_values(weights: torch.Tensor, target_outputs: torch.Tensor, ridge: float
     A small ridge (relative to X's spectral norm, so it is scale free) keeps columns whose weights are nearly zero on
     every reference query from being inflated by least squares; padding columns (all-zero) come back as 0.
     """
-    design = weights.double()
-    gram = design.transpose(1, 2) @ design
-    rhs = design.transpose(1, 2) @ target_outputs.double()
+    gram = (weights.transpose(1, 2) @ weights).double()
+    rhs = (weights.transpose(1, 2) @ target_outputs.float()).double()
     regulariser = ridge * _spectral_norm_sq(gram) + RIDGE_FLOOR
     return _solve_spd(gram, rhs, regulariser).float()
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from workers.compaction.cache import KVC_ATTENTION
 from workers.models.tiny import TINY_FAMILIES, build_tiny_model
@@ -75,8 +76,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _check_supported(model: PreTrainedModel) -> None:
-    model_type = model.config.get_text_config(decoder=True).model_type
+def _check_supported(config: PretrainedConfig) -> None:
+    """Refuse an architecture before loading gigabytes of weights for it."""
+    model_type = config.get_text_config(decoder=True).model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -103,10 +105,10 @@ def load_model(source: str | None = None, dtype: str = "auto", device: str = "au
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{source!r} is neither 'bundled', 'tiny-<family>' nor a local HF model directory")
             name = path.name
+        _check_supported(AutoConfig.from_pretrained(path))
         model_dtype = resolve_dtype(dtype, target_device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype).eval()
-    _check_supported(model)
     model.set_attn_implementation(KVC_ATTENTION)
     model.to(target_device)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, config_fingerprint=config_fingerprint(model),

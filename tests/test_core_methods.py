@@ -1,0 +1,164 @@
+"""The compaction math and its orchestration: AM beats eviction on held-out queries, batching and chunking are
+exact re-arrangements, budgets behave, bad inputs get clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.core_helpers import DOCUMENT, tiny
+from workers.compaction import budgets, solvers
+from workers.compaction.context import ContextError
+from workers.compaction.methods import METHOD_NAMES, HeadBlock, make_method
+from workers.compaction.pipeline import (CompactionConfig, CompactionConfigError, compact_context, compact_prepared,
+                                         prepare_context)
+from workers.compaction.timing import PhaseTimer
+from workers.models.loading import UnsupportedModelError, load_model
+
+EVICTION = ("truncate", "h2o", "snapkv", "kvzip")
+
+
+@pytest.fixture(scope="module")
+def prepared_llama():
+    lm = tiny("llama")
+    return lm, prepare_context(lm, DOCUMENT, CompactionConfig(max_queries_per_head=4096))
+
+
+def run(prepared_llama, method: str, **overrides):
+    lm, prepared = prepared_llama
+    config = CompactionConfig(method=method, keep_ratio=0.2, max_queries_per_head=4096, **overrides)
+    return compact_prepared(lm, prepared, config)
+
+
+def test_am_beats_every_eviction_baseline_per_head_on_heldout_queries(prepared_llama):
+    am = run(prepared_llama, "am", budget="uniform")
+    for baseline in EVICTION:
+        other = run(prepared_llama, baseline, budget="uniform")
+        assert other.budgets == am.budgets  # the same slots per head: a fair comparison
+        for am_layer, other_layer in zip(am.heldout_head_errors, other.heldout_head_errors):
+            for am_error, other_error in zip(am_layer, other_layer):
+                assert am_error < other_error, (baseline, am.heldout_head_errors, other.heldout_head_errors)
+
+
+def test_beta_lowers_log_mass_error_and_value_refit_lowers_output_error(prepared_llama):
+    am = run(prepared_llama, "am")
+    no_beta = run(prepared_llama, "am-no-beta")
+    no_values = run(prepared_llama, "am-no-values")
+    assert am.heldout_log_mass_error < no_beta.heldout_log_mass_error
+    assert am.heldout_rel_error < no_values.heldout_rel_error
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_compacts_to_its_budget(prepared_llama, method):
+    result = run(prepared_llama, method)
+    _, prepared = prepared_llama
+    document_slots = sum(map(sum, result.budgets))
+    heads = len(result.budgets) * len(result.budgets[0])
+    assert document_slots == round(0.2 * prepared.span.numel() * heads)
+    verbatim = len(prepared.rendered.ids) - prepared.span.numel()
+    assert result.retained_slots == document_slots + verbatim * heads
+    assert result.compaction_ratio > 3
+    assert set(result.phase_seconds) >= {"prefill", "queries", "budgets", "key_selection"}
+
+
+def test_global_budget_is_ragged_and_respects_floor_and_cap(prepared_llama):
+    result = run(prepared_llama, "am")
+    flat = [b for layer in result.budgets for b in layer]
+    _, prepared = prepared_llama
+    floor, cap = budgets.per_head_limits(prepared.span.numel(), 0.2, 0.75, 4)
+    assert len(set(flat)) > 1
+    assert min(flat) >= floor and max(flat) <= cap
+
+
+def test_one_chunk_equals_unchunked_and_chunks_bound_the_solve(prepared_llama):
+    _, prepared = prepared_llama
+    whole = run(prepared_llama, "am")
+    one_chunk = run(prepared_llama, "am", chunk_tokens=prepared.span.numel())
+    for a, b in zip(whole.compacted.layers, one_chunk.compacted.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.beta, b.beta)
+    chunked = run(prepared_llama, "am", chunk_tokens=100)
+    assert sum(map(sum, chunked.budgets)) == sum(map(sum, whole.budgets))
+    assert chunked.heldout_rel_error < 1.0
+
+
+@pytest.mark.parametrize("method", ["am", "am-omp-fast", "h2o"])
+def test_batched_over_heads_equals_one_head_at_a_time(method):
+    generator = torch.Generator().manual_seed(0)
+    heads, length, dim, count = 3, 60, 16, 200
+    keys = torch.randn(heads, length, dim, generator=generator)
+    block = HeadBlock(keys=keys, values=torch.randn(heads, length, dim, generator=generator),
+                      queries=torch.randn(heads, count, dim, generator=generator), scaling=dim ** -0.5,
+                      positions=torch.arange(length))
+    head_budgets = torch.tensor([5, 12, 9])
+    chosen = make_method(method)
+    batched = chosen.fit(block, head_budgets, PhaseTimer())
+    for h in range(heads):
+        single_block = HeadBlock(block.keys[h:h + 1], block.values[h:h + 1], block.queries[h:h + 1], block.scaling,
+                                 block.positions)
+        single = chosen.fit(single_block, head_budgets[h:h + 1], PhaseTimer())
+        kept = int(head_budgets[h])
+        assert torch.equal(batched.indices[h, :kept], single.indices[0, :kept])
+        assert torch.allclose(batched.beta[h, :kept], single.beta[0, :kept], atol=1e-4)
+        assert torch.allclose(batched.values[h, :kept], single.values[0, :kept], atol=1e-3)
+        assert not batched.active[h, kept:].any()
+
+
+def test_nnls_respects_bounds_and_recovers_exact_weights():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.rand(2, 300, 6, generator=generator)
+    true_weights = torch.tensor([[0.5, 1.0, 2.0, 3.0, 0.2, 1.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    target = (features * true_weights[:, None, :]).sum(-1)
+    active = torch.ones(2, 6, dtype=torch.bool)
+    fitted = solvers.solve_mass_weights(features, target, active, 1e-3, 10.0, iterations=2)
+    assert torch.allclose(fitted, true_weights, atol=1e-3)
+    clamped = solvers.solve_mass_weights(features, target, active, 0.9, 1.1, iterations=2)
+    assert clamped.min() >= 0.9 and clamped.max() <= 1.1
+
+
+def test_profile_budgets_follow_proportions_within_limits():
+    proportions = torch.tensor([0.7, 0.2, 0.05, 0.05])
+    allocated = budgets.profile_budgets(proportions, total=100, floor=4, cap=50)
+    assert int(allocated.sum()) == 100
+    assert allocated.max() <= 50 and allocated.min() >= 4
+    assert allocated[0] == 50 and allocated[1] > allocated[2]
+
+
+@pytest.mark.parametrize("config, message", [
+    (CompactionConfig(keep_ratio=0.0), "keep_ratio"),
+    (CompactionConfig(keep_ratio=1.5), "keep_ratio"),
+    (CompactionConfig(target_tokens=0), "target_tokens"),
+    (CompactionConfig(target_tokens=10 ** 6), "exceeds"),
+    (CompactionConfig(keep_ratio=1e-6), "keeps no token"),
+    (CompactionConfig(method="magic"), "unknown method"),
+    (CompactionConfig(query_sources=("telepathy",)), "query_sources"),
+    (CompactionConfig(keep_ratio=0.1, target_tokens=5), "not both"),
+])
+def test_bad_budgets_and_options_get_clear_errors(config, message):
+    with pytest.raises(CompactionConfigError, match=message):
+        compact_context(tiny("llama"), DOCUMENT, config)
+
+
+@pytest.mark.parametrize("context", ["", "   ", [], [{"role": "wizard", "content": "x"}], [{"role": "user"}]])
+def test_empty_or_malformed_documents_get_clear_errors(context):
+    with pytest.raises(ContextError):
+        compact_context(tiny("llama"), context, CompactionConfig())
+
+
+def test_unsupported_architecture_and_missing_directory_are_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        load_model(str(tmp_path / "missing"))
+
+
+def test_messages_and_tool_outputs_compact_only_their_content():
+    lm = tiny("qwen2")
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Summarise the tool output."},
+                {"role": "tool", "content": DOCUMENT}]
+    result = compact_context(lm, messages, CompactionConfig(keep_ratio=0.2))
+    assert result.compacted.meta["roles"] == ["system", "user", "tool"]
+    assert result.compactable_tokens == sum(len(lm.tokenizer(m["content"])["input_ids"]) for m in messages)

@@ -1,0 +1,1 @@
+"""`kvcompact` sub-commands that drive the compaction core directly (no service)."""
