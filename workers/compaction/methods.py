@@ -49,6 +49,7 @@ class FitSettings:
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     nnls_iterations: int = 2
     value_ridge: float = 1e-3
+    key_score: str = "rms"  # "rms": RMS of block-softmax weights (the paper); "max": context-normalised max (KVzip's)
 
 
 def keep_original(block: HeadBlock, indices: torch.Tensor, active: torch.Tensor) -> BlockFit:
@@ -160,7 +161,11 @@ class AttentionMatching(CompactionMethod):
                timer: PhaseTimer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(indices, active, mass weights or None when beta is fitted separately)."""
         with timer.phase("key_selection"):
-            indices, active = solvers.select_top(solvers.key_scores(logits, "rms"), budgets)
+            if self.settings.key_score == "max":
+                scores = block.context_scores
+            else:
+                scores = solvers.key_scores(logits, self.settings.key_score)
+            indices, active = solvers.select_top(scores, budgets)
         return indices, active, None
 
     def fit(self, block: HeadBlock, budgets: torch.Tensor, timer: PhaseTimer) -> BlockFit:

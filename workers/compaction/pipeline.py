@@ -55,6 +55,7 @@ class CompactionConfig:
     value_ridge: float = 1e-3
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     nnls_iterations: int = 2
+    key_score: str = "rms"
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
     seed: int = 0
@@ -73,6 +74,8 @@ class CompactionConfig:
             raise CompactionConfigError(f"target_tokens must be at least 1, got {self.target_tokens}")
         if self.budget not in BUDGET_MODES:
             raise CompactionConfigError(f"budget must be one of {', '.join(BUDGET_MODES)}")
+        if self.key_score not in ("rms", "mean", "max"):
+            raise CompactionConfigError("key_score must be rms, mean or max")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
 
@@ -293,7 +296,8 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     config.validate()
     timer = PhaseTimer(lm.device)
     method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, value_ridge=config.value_ridge,
-                                                    nnls_iterations=config.nnls_iterations))
+                                                    nnls_iterations=config.nnls_iterations,
+                                                    key_score=config.key_score))
     span = prepared.span
     keep_ratio = config.keep_ratio_for(span.numel())
     mode = method.default_budget if config.budget == "auto" else config.budget
@@ -314,7 +318,7 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
         heldout = prepared.heldout_queries(layer)
         fits = []
         for chunk, budgets in zip(chunks, chunk_budgets):
-            block = _block(lm, prepared, layer, chunk, queries, with_scores=method.name == "kvzip")
+            block = _block(lm, prepared, layer, chunk, queries, with_scores=method.name == "kvzip" or config.key_score == "max")
             fit = keep_whole_heads(block, method.fit(block, budgets[layer], timer), budgets[layer])
             fits.append(fit)
             meter.add_block(layer, heldout.to(block.keys.device), block, fit)

@@ -14,8 +14,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from workers.compaction.context import continuation_ids
+from workers.compaction.generation import answer_logprob, next_token_logprobs, stream_generate
+from workers.compaction.pipeline import CompactionConfig, compact_context, full_context
+from workers.compaction.types import CompactedKV, CompactedLayer
+from workers.eval.methods import make_config
+
 if TYPE_CHECKING:
-    from workers.compaction.types import CompactedKV
     from workers.eval.methods import MethodSpec
     from workers.models.loading import LoadedModel
 
@@ -48,7 +53,7 @@ class Answer:
 
 
 class Backend(Protocol):
-    def config_class(self) -> type: ...
+    """Build context caches and answer from them; log-prob scoring returns None where the backend cannot score."""
 
     def full(self, text: str) -> BuiltContext: ...
 
@@ -83,8 +88,6 @@ def cache_bytes(kv: CompactedKV) -> int:
 
 def empty_kv(lm: LoadedModel) -> CompactedKV:
     """A CompactedKV with no slots in any layer (sliding layers flagged as the model declares them)."""
-    from workers.compaction.types import CompactedKV, CompactedLayer
-
     config = lm.text_config
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -108,18 +111,11 @@ class InProcessBackend:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
 
-    def config_class(self) -> type:
-        from workers.compaction.pipeline import CompactionConfig
-
-        return CompactionConfig
-
     def _built(self, kv: CompactedKV, seconds: float, input_tokens: int, phases: dict[str, float]) -> BuiltContext:
         return BuiltContext(handle=kv, seconds=seconds, input_tokens=input_tokens, phase_seconds=phases,
                             retained_slots=kv.retained_slots(), bytes=cache_bytes(kv))
 
     def full(self, text: str) -> BuiltContext:
-        from workers.compaction.pipeline import full_context
-
         start = time.perf_counter()
         kv = full_context(self.lm, text)
         seconds = time.perf_counter() - start
@@ -131,23 +127,16 @@ class InProcessBackend:
 
     def compact(self, text: str, spec: MethodSpec, keep_ratio: float | None = None,
                 target_tokens: int | None = None) -> BuiltContext:
-        from workers.compaction.pipeline import compact_context
-        from workers.eval.methods import coerce_overrides
-
-        config_cls = self.config_class()
-        config = config_cls(method=spec.core_method, keep_ratio=keep_ratio, target_tokens=target_tokens,
-                            **coerce_overrides(spec, config_cls))
+        config = make_config(spec, CompactionConfig, keep_ratio=keep_ratio, target_tokens=target_tokens)
         start = time.perf_counter()
         result = compact_context(self.lm, text, config)
         seconds = time.perf_counter() - start
-        return self._built(result.compacted, seconds, int(result.input_tokens), dict(result.phase_seconds))
+        return self._built(result.compacted, seconds, int(result.compactable_tokens), dict(result.phase_seconds))
 
     def count_tokens(self, text: str) -> int:
         return len(self.lm.tokenizer.encode(text, add_special_tokens=False))
 
     def _prompt_ids(self, context: BuiltContext, prompt: str) -> list[int]:
-        from workers.compaction.context import continuation_ids
-
         message = {"role": "user", "content": prompt}
         roles = context.handle.meta["roles"]
         if roles:
@@ -159,21 +148,15 @@ class InProcessBackend:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, context: BuiltContext, prompt: str, max_new_tokens: int) -> Answer:
-        from workers.compaction.generation import stream_generate
-
         ids = self._prompt_ids(context, prompt)
         tokens = tuple(int(t) for t in stream_generate(self.lm, context.handle, ids, max_new_tokens=max_new_tokens,
                                                         temperature=0.0, top_p=1.0, seed=None))
         return Answer(self.lm.tokenizer.decode(list(tokens), skip_special_tokens=True), tokens)
 
     def answer_logprob(self, context: BuiltContext, prompt: str, answer: Answer) -> float | None:
-        from workers.compaction.generation import answer_logprob
-
         if not answer.token_ids:
             return None
         return float(answer_logprob(self.lm, context.handle, self._prompt_ids(context, prompt), list(answer.token_ids)))
 
     def next_token_logprobs(self, context: BuiltContext, prompt: str) -> torch.Tensor | None:
-        from workers.compaction.generation import next_token_logprobs
-
         return next_token_logprobs(self.lm, context.handle, self._prompt_ids(context, prompt)).flatten()

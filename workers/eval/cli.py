@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from workers.eval.methods import MethodError, parse_method
+from workers.eval.methods import MethodError, parse_method, validate_methods
 
 DEFAULT_KEEP_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2)
 DEFAULT_METHODS = ("full", "none", "truncate", "h2o", "snapkv", "kvzip", "am", "am-omp-fast", "summary", "summary+am")
@@ -37,7 +37,7 @@ def _validate(args: argparse.Namespace) -> str | None:
     """An error message for arguments that cannot work, before any model is loaded."""
     if any(not 0 < r <= 1 for r in args.keep_ratios):
         return "keep ratios must be in (0, 1]"
-    if args.limit is not None and args.limit < 1 or args.max_questions_per_doc is not None and args.max_questions_per_doc < 1:
+    if any(n is not None and n < 1 for n in (args.limit, args.max_questions_per_doc)):
         return "--limit and --max-questions-per-doc must be at least 1"
     if args.with_kvpress and args.endpoint:
         return "--with-kvpress runs in-process only (kvpress loads the model itself)"
@@ -45,8 +45,10 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `kvcompact --help` imports every sub-command module and must stay fast.
+    from workers.compaction.pipeline import CompactionConfig
     from workers.eval.backends import InProcessBackend
-    from workers.eval.endpoint import HttpBackend
+    from workers.eval.endpoint import EndpointError, HttpBackend
     from workers.eval.report import aggregate, write_report
     from workers.eval.resultcache import ResultStore
     from workers.eval.runner import EvalPlan, run_eval
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     error = _validate(args)
     try:
         methods = tuple(parse_method(name) for name in args.methods)
+        validate_methods(methods, CompactionConfig)
     except MethodError as exc:
         error = str(exc)
     if error:
@@ -63,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
                     limit=args.limit, max_questions=args.max_questions_per_doc)
     if args.endpoint:
         backend = HttpBackend(args.endpoint, args.model, args.api_key)
+        try:
+            for spec in methods:
+                backend.check(spec)
+        except EndpointError as exc:
+            print(f"kvcompact eval: {exc}", file=sys.stderr)
+            return 2
         label = f"http-{backend.model}"
     else:
         from workers.models.loading import load_model

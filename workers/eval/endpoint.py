@@ -7,16 +7,21 @@ null in endpoint runs; accuracy, timings and sizes are comparable with in-proces
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from openai import OpenAI
 
+from schemas.wire import CompactRequest
+from workers.compaction.pipeline import CompactionConfig
 from workers.eval.backends import Answer, BuiltContext
 from workers.eval.methods import MethodSpec, coerce_overrides
 
 # Compactions made by an eval run are only needed while that document is evaluated.
 COMPACTION_TTL_SECONDS = 3600
+# CompactionConfig fields the wire API accepts (it refuses unknown fields); other overrides work in-process only.
+WIRE_FIELDS = frozenset(CompactRequest.model_fields) & {f.name for f in dataclasses.fields(CompactionConfig)}
 
 
 class EndpointError(RuntimeError):
@@ -33,27 +38,39 @@ class HttpBackend:
     def __init__(self, endpoint: str, model: str | None, api_key: str, client: OpenAI | None = None) -> None:
         self.client = client or OpenAI(base_url=base_url(endpoint), api_key=api_key)
         self.model = model or self.client.models.list().data[0].id
+        self._template_tokens: int | None = None
 
-    def config_class(self) -> type:
-        from workers.compaction.pipeline import CompactionConfig
+    def check(self, spec: MethodSpec) -> None:
+        """Refuse, before any request, a method whose overrides POST /v1/compact cannot carry."""
+        unsupported = sorted({key for key, _ in spec.overrides} - WIRE_FIELDS)
+        if unsupported:
+            raise EndpointError(f"method {spec.name!r}: the HTTP API does not take {', '.join(unsupported)}; "
+                                f"it takes {', '.join(sorted(WIRE_FIELDS))}")
 
-        return CompactionConfig
-
-    def count_tokens(self, text: str) -> int:
-        """Prompt tokens of the text as a one-message chat (includes the chat template's few wrapper tokens)."""
+    def _prompt_tokens(self, text: str) -> int:
         response = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": text}],
                                                        max_tokens=1, temperature=0.0)
         return int(response.usage.prompt_tokens)
 
+    def count_tokens(self, text: str) -> int:
+        """Content tokens of the text, as the core counts them in-process (so budgets match): the prompt tokens of a
+        one-message chat minus those of the same chat with an empty message (the chat template's wrapper)."""
+        if self._template_tokens is None:
+            self._template_tokens = self._prompt_tokens("")
+        return self._prompt_tokens(text) - self._template_tokens
+
     def full(self, text: str) -> BuiltContext:
-        return BuiltContext(handle=[{"role": "user", "content": text}], seconds=0.0, input_tokens=self.count_tokens(text))
+        message = {"role": "user", "content": text}
+        return BuiltContext(handle=[message], seconds=0.0, input_tokens=self.count_tokens(text))
 
     def empty(self) -> BuiltContext:
         return BuiltContext(handle=[], seconds=0.0, input_tokens=0)
 
     def compact(self, text: str, spec: MethodSpec, keep_ratio: float | None = None,
                 target_tokens: int | None = None) -> BuiltContext:
-        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in coerce_overrides(spec, self.config_class()).items()}
+        self.check(spec)
+        typed = coerce_overrides(spec, CompactionConfig)
+        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in typed.items()}  # JSON has no tuples
         budget = {"keep_ratio": keep_ratio} if keep_ratio is not None else {"target_tokens": target_tokens}
         body = {"model": self.model, "input": text, "method": spec.core_method, "ttl_seconds": COMPACTION_TTL_SECONDS,
                 **budget, **overrides}

@@ -16,6 +16,7 @@ import time
 import kvpress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as transformers_logging
 
 from workers.eval.datasets import Document, dataset_name, load_dataset
 from workers.eval.prompts import context_message, question_prompt
@@ -100,8 +101,9 @@ class Session:
         return logprobs[first], float(picked.mean())
 
 
-def evaluate_document(session: Session, document: Document, max_questions: int | None, units: list[tuple[str, float, object]],
-                      store: ResultStore, dataset: str) -> None:
+def evaluate_document(session: Session, document: Document, max_questions: int | None,
+                      units: list[tuple[str, float, object]], store: ResultStore, dataset: str) -> None:
+    """Store a record per (method, ratio, press) unit not yet in the store; press None is the full-cache reference."""
     questions = document.questions[:max_questions]
     todo = [(m, r, p) for m, r, p in units if store.load(dataset, document.id, m, r, len(questions)) is None]
     if not todo:
@@ -146,6 +148,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    transformers_logging.disable_progress_bar()  # one weight-loading bar per parameter would flood the eval's output
     session = Session(args.model_dir, args.dtype, args.device)
     store = ResultStore(args.out, args.label)
     units: list[tuple[str, float, object]] = [(args.full_method, 1.0, None)]

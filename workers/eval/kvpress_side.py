@@ -70,7 +70,8 @@ def model_directory(source: str) -> Path:
     return path
 
 
-def run_kvpress(plan: EvalPlan, source: str, store: ResultStore, dtype: str = "auto", device: str = "auto") -> list[dict]:
+def run_kvpress(plan: EvalPlan, source: str, store: ResultStore, dtype: str = "auto",
+                device: str = "auto") -> list[dict]:
     """Run every press at every ratio of the plan (records already in `store` are skipped); return their records."""
     python = ensure_venv()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}

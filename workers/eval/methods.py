@@ -1,7 +1,7 @@
 """Eval methods: how each one builds the context cache a question is asked from, at a given keep ratio.
 
 A method name is one of
-  `full` (the whole uncompacted cache), `none` (an empty document: what the model knows without the context),
+  `full` (the whole uncompacted cache), `none` (no document: the question alone, what the model knows without the context),
   a core compaction method (`am`, `am-omp`, `truncate`, `kvzip`, ...), optionally with CompactionConfig overrides in
   brackets (`am[budget=uniform]`, `am[query_sources=repeat+self-study,on_policy=true]`; `+` separates list items),
   `summary` (the model summarises the document in at most keep_ratio x its tokens; the summary's full cache is the
@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # methods stay importable without torch (report.py uses RATIO
     from workers.eval.backends import Backend, BuiltContext
 
 FULL, NONE, SUMMARY = "full", "none", "summary"
+COMPACTION, SUMMARY_COMPACTION = "compaction", "summary+compaction"  # kinds of the other method names
 SUMMARY_PREFIX = "summary+"
 # summary+X: the summary may use this many times the slot budget; X then compacts it 4x, a ratio AM handles well.
 SUMMARY_HEADROOM = 4
@@ -44,7 +45,7 @@ class MethodSpec:
     """A parsed method name; `overrides` are raw strings until coerce_overrides types them."""
 
     name: str
-    kind: str  # "full" | "none" | "compaction" | "summary" | "summary+compaction"
+    kind: str  # FULL | NONE | SUMMARY | COMPACTION | SUMMARY_COMPACTION
     core_method: str | None = None
     overrides: tuple[tuple[str, str], ...] = ()
 
@@ -82,9 +83,9 @@ def parse_method(name: str) -> MethodSpec:
             raise MethodError(f"method {base!r} takes no overrides")
         return MethodSpec(name=name, kind=base)
     if base.startswith(SUMMARY_PREFIX):
-        return MethodSpec(name=name, kind="summary+compaction", core_method=base.removeprefix(SUMMARY_PREFIX),
+        return MethodSpec(name=name, kind=SUMMARY_COMPACTION, core_method=base.removeprefix(SUMMARY_PREFIX),
                           overrides=overrides)
-    return MethodSpec(name=name, kind="compaction", core_method=base, overrides=overrides)
+    return MethodSpec(name=name, kind=COMPACTION, core_method=base, overrides=overrides)
 
 
 def _coerce(raw: str, annotation: str, default: Any, where: str) -> Any:
@@ -122,6 +123,24 @@ def coerce_overrides(spec: MethodSpec, config_cls: type) -> dict[str, Any]:
     return typed
 
 
+def make_config(spec: MethodSpec, config_cls: type, keep_ratio: float | None = None,
+                target_tokens: int | None = None) -> Any:
+    """The core CompactionConfig of a compaction spec at one budget (keep ratio or target tokens)."""
+    return config_cls(method=spec.core_method, keep_ratio=keep_ratio, target_tokens=target_tokens,
+                      **coerce_overrides(spec, config_cls))
+
+
+def validate_methods(specs: tuple[MethodSpec, ...], config_cls: type) -> None:
+    """Fail before any model loads: every compaction spec must make a config the core accepts."""
+    for spec in specs:
+        if spec.core_method is not None:
+            config = make_config(spec, config_cls, keep_ratio=1.0)  # raises MethodError on bad overrides
+            try:
+                config.validate()
+            except ValueError as exc:
+                raise MethodError(f"method {spec.name!r}: {exc}") from exc
+
+
 class SummaryMemo:
     """Summaries of one document by token limit, so `summary` and `summary+X` at equal limits generate once."""
 
@@ -150,7 +169,7 @@ def build_context(backend: Backend, spec: MethodSpec, text: str, keep_ratio: flo
         return full
     if spec.kind == NONE:
         return backend.empty()
-    if spec.kind == "compaction":
+    if spec.kind == COMPACTION:
         return backend.compact(text, spec, keep_ratio=keep_ratio)
     budget = budget_tokens(full.input_tokens, keep_ratio)
     limit = budget if spec.kind == SUMMARY else min(full.input_tokens, SUMMARY_HEADROOM * budget)

@@ -40,8 +40,10 @@ def _letters(n: int) -> str:
 
 
 def multiple_choice_prompt(question: Question) -> QuestionPrompt:
-    options = "\n".join(f"({letter}) {option.strip()}" for letter, option in zip(_letters(len(question.options)), question.options))
-    return QuestionPrompt(f"{question.question.strip()}\n\n{options}\n\nAnswer with the letter only.", MC_MAX_NEW_TOKENS)
+    letters = _letters(len(question.options))
+    options = "\n".join(f"({letter}) {option.strip()}" for letter, option in zip(letters, question.options))
+    text = f"{question.question.strip()}\n\n{options}\n\nAnswer with the letter only."
+    return QuestionPrompt(text, MC_MAX_NEW_TOKENS)
 
 
 def niah_prompt(document: Document, question: Question) -> QuestionPrompt:

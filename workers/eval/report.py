@@ -32,7 +32,8 @@ def aggregate(records: list[dict]) -> list[dict]:
         groups[(record["dataset"], record["method"], record["keep_ratio"])].append(record)
         method_order.setdefault(record["method"], len(method_order))
     rows = []
-    for (dataset, method, ratio), group in sorted(groups.items(), key=lambda kv: (kv[0][0], method_order[kv[0][1]], kv[0][2])):
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0], method_order[item[0][1]], item[0][2]))
+    for (dataset, method, ratio), group in ordered:
         answers = [q for record in group for q in record["questions"]]
         correct = sum(bool(q["correct"]) for q in answers)
         low, high = wilson_interval(correct, len(answers))
@@ -63,10 +64,12 @@ def markdown_table(rows: list[dict]) -> str:
                   "| method | keep | questions | accuracy (95% CI) | log-ppl | KL | compaction s | slots | bytes |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["dataset"] == dataset):
-            accuracy = f"{row['accuracy']:.3f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if row["accuracy"] is not None else "n/a"
+            accuracy = "n/a" if row["accuracy"] is None else \
+                f"{row['accuracy']:.3f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
             lines.append(
                 f"| {row['method']} | {row['keep_ratio']:g} | {row['n_questions']} | {accuracy} | "
-                f"{_fmt(row['log_ppl'], '.3f')} | {_fmt(row['kl'], '.3f')} | {_fmt(row['compaction_seconds'], '.2f')} | "
+                f"{_fmt(row['log_ppl'], '.3f')} | {_fmt(row['kl'], '.3f')} | "
+                f"{_fmt(row['compaction_seconds'], '.2f')} | "
                 f"{_fmt(row['retained_slots'], '.0f')} | {_fmt(row['bytes'], '.0f')} |")
         lines.append("")
     return "\n".join(lines)

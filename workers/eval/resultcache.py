@@ -46,10 +46,12 @@ class ResultStore:
             return None
         return {**record, "questions": record["questions"][:n_questions]}
 
-    def save(self, record: dict) -> Path:
+    def save(self, record: dict) -> dict:
+        """Store a record (labelled with this store's model) and return it as stored."""
+        record = {**record, "model": self.label}
         path = self.path(record["dataset"], record["doc_id"], record["method"], record["keep_ratio"])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**record, "model": self.label}, indent=1))
+        tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
-        return path
+        return record

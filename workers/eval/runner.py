@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -19,6 +20,9 @@ from workers.eval.methods import FULL, MethodSpec, SummaryMemo, build_context
 from workers.eval.prompts import QuestionPrompt, context_message, question_prompt
 from workers.eval.resultcache import ResultStore
 from workers.eval.scoring import is_correct
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class _Reference:
 
     prompt: QuestionPrompt
     answer: Answer
-    next_token: object
+    next_token: torch.Tensor | None
 
 
 class _DocumentEval:
@@ -67,12 +71,14 @@ class _DocumentEval:
             for question in self.questions:
                 prompt = question_prompt(self.document, question)
                 answer = self.backend.generate(self.full, prompt.text, prompt.max_new_tokens)
-                self._references.append(_Reference(prompt, answer, self.backend.next_token_logprobs(self.full, prompt.text)))
+                next_token = self.backend.next_token_logprobs(self.full, prompt.text)
+                self._references.append(_Reference(prompt, answer, next_token))
         return self._references
 
     def evaluate(self, spec: MethodSpec, keep_ratio: float) -> dict:
         """One record: build the method's cache, ask every question, score against gold and the full cache."""
-        context = build_context(self.backend, spec, context_message(self.document), keep_ratio, self.full, self.summaries)
+        text = context_message(self.document)
+        context = build_context(self.backend, spec, text, keep_ratio, self.full, self.summaries)
         rows = []
         for index, (question, reference) in enumerate(zip(self.questions, self.references)):
             prompt = reference.prompt
@@ -82,12 +88,12 @@ class _DocumentEval:
                 answer = self.backend.generate(context, prompt.text, prompt.max_new_tokens)
                 next_token = self.backend.next_token_logprobs(context, prompt.text)
             logprob = self.backend.answer_logprob(context, prompt.text, reference.answer)
-            kl = None if next_token is None or reference.next_token is None else kl_divergence(reference.next_token, next_token)
+            kl = None if next_token is None else kl_divergence(reference.next_token, next_token)
             rows.append({"index": index, "prediction": answer.text, "reference": reference.answer.text,
                          "correct": is_correct(question, answer.text),
                          "log_ppl": None if logprob is None else -logprob, "kl": kl})
         return {"doc_id": self.document.id, "method": spec.name, "keep_ratio": keep_ratio,
-                "input_tokens": context.input_tokens if spec.kind != FULL else self.full.input_tokens,
+                "input_tokens": self.full.input_tokens,  # the document's, whatever the method compacted
                 "retained_slots": context.retained_slots, "bytes": context.bytes,
                 "compaction_seconds": context.seconds, "phase_seconds": context.phase_seconds, "questions": rows}
 
@@ -106,8 +112,7 @@ def run_eval(backend: Backend, plan: EvalPlan, store: ResultStore) -> list[dict]
                     bar.set_postfix_str(f"{name}/{document.id} {spec.name}@{ratio:g}")
                     record = store.load(name, document.id, spec.name, ratio, len(questions))
                     if record is None:
-                        record = {"dataset": name, **doc_eval.evaluate(spec, ratio)}
-                        store.save(record)
+                        record = store.save({"dataset": name, **doc_eval.evaluate(spec, ratio)})
                     records.append(record)
                     bar.update(1)
     return records

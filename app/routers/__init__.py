@@ -1,0 +1,1 @@
+"""HTTP routers, one per API area; `app.main.create_app` mounts them all."""

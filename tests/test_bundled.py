@@ -1,0 +1,109 @@
+"""The bundled model: setup's assembly guards (fast, no model needed) and the converted directory (real_model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.models import bundled
+
+PARAGRAPH = (
+    "The lighthouse on Gull Point was built in 1931 by an engineer named Mara Quill. "
+    "It is painted red and white and its lamp can be seen from 18 miles away."
+)
+
+
+@pytest.fixture
+def empty_models_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(bundled.MODELS_DIR_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_missing_model_dir_tells_user_to_run_setup(empty_models_root: Path) -> None:
+    with pytest.raises(bundled.BundledModelError, match="make setup"):
+        bundled.bundled_model_dir()
+
+
+def test_sha256_mismatch_is_a_clear_error_and_leaves_no_file(
+    empty_models_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = [empty_models_root / "a.bin", empty_models_root / "b.bin"]
+    for part in parts:
+        part.write_bytes(b"not the model")
+    monkeypatch.setattr(bundled, "part_paths", lambda: parts)
+    dest = empty_models_root / "out.gguf"
+    with pytest.raises(bundled.BundledModelError, match="sha256"):
+        bundled.assemble_gguf(dest)
+    assert list(empty_models_root.glob("out.gguf*")) == []
+
+
+def test_ensure_is_a_no_op_once_the_marker_matches(empty_models_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = empty_models_root / bundled.MODEL_NAME
+    model_dir.mkdir()
+    (model_dir / bundled.MARKER_FILENAME).write_text(bundled.GGUF_SHA256 + "\n")
+
+    def must_not_run(*_args: object) -> None:
+        raise AssertionError("conversion ran although the model is already converted")
+
+    monkeypatch.setattr(bundled, "assemble_gguf", must_not_run)
+    monkeypatch.setattr(bundled, "convert_gguf", must_not_run)
+    assert bundled.ensure_bundled_model() == model_dir
+    assert bundled.bundled_model_dir() == model_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_model():
+    model_dir = bundled.bundled_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    return tokenizer, model
+
+
+@pytest.mark.real_model
+def test_converted_dir_is_complete_and_marked() -> None:
+    model_dir = bundled.bundled_model_dir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (model_dir / name).is_file(), name
+    assert (model_dir / bundled.MARKER_FILENAME).read_text().strip() == bundled.GGUF_SHA256
+    assert not (bundled.models_root() / bundled.GGUF_FILENAME).exists(), "the GGUF should be deleted after conversion"
+
+
+@pytest.mark.real_model
+def test_shapes_are_qwen2_0_5b(tokenizer_and_model) -> None:
+    _, model = tokenizer_and_model
+    cfg = model.config
+    assert cfg.model_type == "qwen2"
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 14, 2)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert head_dim == 64
+    assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 64
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.real_model
+def test_chat_template_renders_chatml(tokenizer_and_model) -> None:
+    tokenizer, _ = tokenizer_and_model
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
+    )
+    assert "<|im_start|>user\nhello<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize(("question", "expected"), [("In what year was the lighthouse built?", "1931"),
+                                                    ("Who built the lighthouse?", "Mara Quill")])
+def test_greedy_answer_from_a_paragraph(tokenizer_and_model, question: str, expected: str) -> None:
+    tokenizer, model = tokenizer_and_model
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{PARAGRAPH}\n\nQuestion: {question} Answer briefly."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert expected in answer, answer

@@ -1,0 +1,52 @@
+"""The compaction core on the real bundled model and a real document from shared/data (CPU, ~1-2 minutes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.compaction.context import continuation_ids
+from workers.compaction.generation import next_token_logprobs, stream_generate
+from workers.compaction.pipeline import CompactionConfig, compact_context, full_context
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ruler_niah.jsonl"
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from workers.models.loading import load_model
+
+    return load_model("bundled")
+
+
+def first_niah_document() -> dict:
+    if not DATA.is_file():
+        pytest.fail(f"evaluation data missing at {DATA}")
+    with DATA.open() as lines:
+        return next(d for d in map(json.loads, lines) if d["target_tokens"] == 4096)
+
+
+def test_compacted_answers_match_full_cache_at_keep_ratio_0_1(bundled):
+    document = first_niah_document()
+    full = full_context(bundled, document["context"])
+    result = compact_context(bundled, document["context"], CompactionConfig(keep_ratio=0.1))
+    assert 8 < result.compaction_ratio < 12
+    agree, kl_values = 0, []
+    for question in document["questions"]:
+        prompt = continuation_ids(bundled.tokenizer, full.meta["roles"],
+                                  [{"role": "user", "content": question["question"] + " Answer with the value only."}])
+        full_answer = bundled.tokenizer.decode(list(stream_generate(bundled, full, prompt, 24)))
+        compact_answer = bundled.tokenizer.decode(list(stream_generate(bundled, result.compacted, prompt, 24)))
+        agree += full_answer.strip() == compact_answer.strip()
+        full_lp = next_token_logprobs(bundled, full, prompt)
+        compact_lp = next_token_logprobs(bundled, result.compacted, prompt)
+        kl_values.append(float((full_lp.exp() * (full_lp - compact_lp)).sum()))
+    print(f"\nkeep 0.1: {agree}/{len(document['questions'])} answers equal the full cache's; "
+          f"next-token KL(full || compacted) mean {sum(kl_values) / len(kl_values):.4f}, per question {kl_values}")
+    assert agree > len(document["questions"]) / 2
+    assert all(kl >= -1e-4 for kl in kl_values)

@@ -1,0 +1,65 @@
+"""Aggregation, results.json / results.md / PNG writing, and the resumable result store."""
+
+import json
+
+import pytest
+
+from workers.eval.report import PLOTS, RESULTS_JSON, RESULTS_MD, aggregate, write_report
+from workers.eval.resultcache import ResultStore
+
+
+def _record(method, ratio, doc, correct, log_ppl, seconds=1.0, slots=100):
+    questions = [{"index": i, "prediction": "x", "reference": "x", "correct": c, "log_ppl": log_ppl, "kl": 0.5}
+                 for i, c in enumerate(correct)]
+    return {"dataset": "set", "doc_id": doc, "method": method, "keep_ratio": ratio, "model": "m", "input_tokens": 1000,
+            "retained_slots": slots, "bytes": slots * 8, "compaction_seconds": seconds,
+            "phase_seconds": {"prefill": seconds / 2}, "questions": questions}
+
+
+RECORDS = [
+    _record("full", 1.0, "d1", [True, True], 0.1), _record("full", 1.0, "d2", [True, False], 0.3),
+    _record("none", 0.0, "d1", [False, False], 3.0), _record("none", 0.0, "d2", [False, False], None),
+    _record("am", 0.1, "d1", [True, False], 1.0, seconds=2.0), _record("am", 0.1, "d2", [True, True], 2.0, seconds=4.0),
+    _record("am", 0.02, "d1", [False, False], 2.5), _record("am", 0.02, "d2", [True, False], 3.5),
+]
+
+
+def test_aggregate_rows():
+    rows = aggregate(RECORDS)
+    assert [(r["method"], r["keep_ratio"]) for r in rows] == [("full", 1.0), ("none", 0.0), ("am", 0.02), ("am", 0.1)]
+    am = rows[3]
+    assert am["n_questions"] == 4 and am["n_correct"] == 3 and am["accuracy"] == 0.75 and am["n_docs"] == 2
+    assert am["ci_low"] < 0.75 < am["ci_high"]
+    assert am["log_ppl"] == pytest.approx(1.5) and am["kl"] == pytest.approx(0.5)
+    assert am["compaction_seconds"] == pytest.approx(3.0) and am["phase_seconds"] == {"prefill": pytest.approx(1.5)}
+    assert am["retained_slots"] == 100 and am["bytes"] == 800
+    assert rows[1]["log_ppl"] == pytest.approx(3.0)  # a null log_ppl (HTTP) is left out, not counted as zero
+
+
+def test_write_report(tmp_path):
+    written = write_report(aggregate(RECORDS), tmp_path)
+    rows = json.loads((tmp_path / RESULTS_JSON).read_text())
+    required = {"dataset", "method", "keep_ratio", "n_questions", "accuracy", "ci_low", "ci_high", "log_ppl", "kl",
+                "compaction_seconds", "retained_slots", "bytes"}
+    assert all(required <= set(row) for row in rows)
+    table = (tmp_path / RESULTS_MD).read_text()
+    assert "### set" in table and "| am | 0.1 | 4 | 0.750 [" in table
+    for name in PLOTS:
+        png = tmp_path / f"{name}_set.png"
+        assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_result_store_round_trip_and_question_count(tmp_path):
+    store = ResultStore(tmp_path, "/models/My Model")
+    record = RECORDS[4]
+    assert store.save(record) == {**record, "model": "/models/My Model"}
+    path = store.path("set", "d1", "am", 0.1)
+    assert path.is_file() and str(path).startswith(str(tmp_path / "cache"))
+    assert store.load("set", "d1", "am", 0.1, 2)["questions"] == record["questions"]
+    assert store.load("set", "d1", "am", 0.1, 1)["questions"] == record["questions"][:1]
+    assert store.load("set", "d1", "am", 0.1, 3) is None  # asked for more questions than cached
+    assert store.load("set", "d1", "am", 0.2, 1) is None
+    store.save({**record, "method": "am[budget=uniform,query_sources=a+b]", "doc_id": "x/y"})
+    odd = store.path("set", "x/y", "am[budget=uniform,query_sources=a+b]", 0.1)
+    assert odd.is_file() and odd.parent.parent == store.root / "set"
+    assert store.load("set", "x/y", "am[budget=uniform,query_sources=a+b]", 0.1, 2) is not None
