@@ -43,7 +43,7 @@ class CompactionConfig:
     method: str = "am"
     keep_ratio: float | None = None  # fraction of the compactable (document) tokens kept, averaged over heads
     target_tokens: int | None = None  # alternatively: document tokens kept per head on average
-    query_sources: tuple[str, ...] = ("repeat", "context")
+    query_sources: tuple[str, ...] = ("repeat",)  # measured: adding "context" made answers worse (docs/quality.md)
     max_queries_per_head: int = 16384
     heldout_queries_per_head: int = 1024
     chunk_tokens: int | None = None  # solve the compactable span in chunks of this many tokens
@@ -78,6 +78,11 @@ class CompactionConfig:
             raise CompactionConfigError("key_score must be rms, mean or max")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
+
+    def preparation_key(self) -> tuple:
+        """The fields `prepare_context` depends on: contexts prepared under equal keys can be shared."""
+        return (tuple(self.query_sources), self.max_queries_per_head, self.heldout_queries_per_head,
+                self.self_study_tokens, self.prefill_chunk_tokens, self.seed)
 
     def keep_ratio_for(self, compactable_tokens: int) -> float:
         """The fraction of compactable tokens to keep; a budget of zero slots or above the length is an error."""
@@ -321,7 +326,8 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
             block = _block(lm, prepared, layer, chunk, queries, with_scores=method.name == "kvzip" or config.key_score == "max")
             fit = keep_whole_heads(block, method.fit(block, budgets[layer], timer), budgets[layer])
             fits.append(fit)
-            meter.add_block(layer, heldout.to(block.keys.device), block, fit)
+            if heldout.shape[1]:
+                meter.add_block(layer, heldout.to(block.keys.device), block, fit)
         index = verbatim.to(cache_layers[layer].keys.device)
         done[layer] = assemble_layer(cache_layers[layer].keys[0][:, index], cache_layers[layer].values[0][:, index],
                                      fits)

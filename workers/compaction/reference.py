@@ -66,7 +66,9 @@ class ReferenceQueries:
 
 def split_positions(candidates: torch.Tensor, fit_count: int, heldout_count: int,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint uniform subsamples of `candidates` for fitting and for held-out evaluation."""
+    """Disjoint uniform subsamples of `candidates` for fitting and for held-out evaluation. Short passes give at
+    most a quarter of their tokens to the held-out set, so fitting always keeps most of them."""
+    heldout_count = min(heldout_count, candidates.numel() // 4)
     shuffled = candidates[torch.randperm(candidates.numel(), generator=generator)]
     heldout = shuffled[:heldout_count].sort().values
     fit = shuffled[heldout_count:heldout_count + fit_count].sort().values
