@@ -21,12 +21,12 @@ EVICTION = ("truncate", "h2o", "snapkv", "kvzip")
 @pytest.fixture(scope="module")
 def prepared_llama():
     lm = tiny("llama")
-    return lm, prepare_context(lm, DOCUMENT, CompactionConfig(max_queries_per_head=4096))
+    return lm, prepare_context(lm, DOCUMENT, CompactionConfig(max_queries_per_head=1024))
 
 
 def run(prepared_llama, method: str, **overrides):
     lm, prepared = prepared_llama
-    config = CompactionConfig(method=method, keep_ratio=0.2, max_queries_per_head=4096, **overrides)
+    config = CompactionConfig(method=method, keep_ratio=0.2, max_queries_per_head=1024, **overrides)
     return compact_prepared(lm, prepared, config)
 
 

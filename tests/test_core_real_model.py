@@ -12,7 +12,7 @@ from workers.compaction.context import continuation_ids
 from workers.compaction.generation import next_token_logprobs, stream_generate
 from workers.compaction.pipeline import CompactionConfig, compact_context, full_context
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ruler_niah.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "quality_leval.jsonl"
 
 pytestmark = pytest.mark.real_model
 
@@ -24,24 +24,30 @@ def bundled():
     return load_model("bundled")
 
 
-def first_niah_document() -> dict:
+def shortest_quality_document() -> dict:
+    """The shortest QuALITY story (~2.9k tokens, 17 multiple-choice questions)."""
     if not DATA.is_file():
         pytest.fail(f"evaluation data missing at {DATA}")
     with DATA.open() as lines:
-        return next(d for d in map(json.loads, lines) if d["target_tokens"] == 4096)
+        return min(map(json.loads, lines), key=lambda d: d["approx_tokens"])
+
+
+def multiple_choice(question: dict) -> str:
+    options = "\n".join(f"({letter}) {text.strip()}" for letter, text in zip("ABCD", question["options"]))
+    return f"{question['question']}\n\n{options}\n\nAnswer with the letter of the correct option only."
 
 
 def test_compacted_answers_match_full_cache_at_keep_ratio_0_1(bundled):
-    document = first_niah_document()
+    document = shortest_quality_document()
     full = full_context(bundled, document["context"])
     result = compact_context(bundled, document["context"], CompactionConfig(keep_ratio=0.1))
     assert 8 < result.compaction_ratio < 12
     agree, kl_values = 0, []
     for question in document["questions"]:
         prompt = continuation_ids(bundled.tokenizer, full.meta["roles"],
-                                  [{"role": "user", "content": question["question"] + " Answer with the value only."}])
-        full_answer = bundled.tokenizer.decode(list(stream_generate(bundled, full, prompt, 24)))
-        compact_answer = bundled.tokenizer.decode(list(stream_generate(bundled, result.compacted, prompt, 24)))
+                                  [{"role": "user", "content": multiple_choice(question)}])
+        full_answer = bundled.tokenizer.decode(list(stream_generate(bundled, full, prompt, 4)))
+        compact_answer = bundled.tokenizer.decode(list(stream_generate(bundled, result.compacted, prompt, 4)))
         agree += full_answer.strip() == compact_answer.strip()
         full_lp = next_token_logprobs(bundled, full, prompt)
         compact_lp = next_token_logprobs(bundled, result.compacted, prompt)

@@ -44,7 +44,7 @@ class CompactionConfig:
     keep_ratio: float | None = None  # fraction of the compactable (document) tokens kept, averaged over heads
     target_tokens: int | None = None  # alternatively: document tokens kept per head on average
     query_sources: tuple[str, ...] = ("repeat",)  # measured: adding "context" made answers worse (docs/quality.md)
-    max_queries_per_head: int = 16384
+    max_queries_per_head: int = 8192
     heldout_queries_per_head: int = 1024
     chunk_tokens: int | None = None  # solve the compactable span in chunks of this many tokens
     budget: str = "auto"  # auto = the method's own default (global for AM and KVzip, uniform for the rest)
