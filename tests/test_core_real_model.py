@@ -40,7 +40,7 @@ def multiple_choice(question: dict) -> str:
 def test_compacted_answers_match_full_cache_at_keep_ratio_0_1(bundled):
     document = shortest_quality_document()
     full = full_context(bundled, document["context"])
-    result = compact_context(bundled, document["context"], CompactionConfig(keep_ratio=0.1))
+    result = compact_context(bundled, document["context"], CompactionConfig(keep_ratio=0.1, max_queries_per_head=4096))
     assert 8 < result.compaction_ratio < 12
     agree, kl_values = 0, []
     for question in document["questions"]:

@@ -43,7 +43,7 @@ class CompactionConfig:
     method: str = "am"
     keep_ratio: float | None = None  # fraction of the compactable (document) tokens kept, averaged over heads
     target_tokens: int | None = None  # alternatively: document tokens kept per head on average
-    query_sources: tuple[str, ...] = ("repeat",)  # measured: adding "context" made answers worse (docs/quality.md)
+    query_sources: tuple[str, ...] = ("repeat", "context")
     max_queries_per_head: int = 8192
     heldout_queries_per_head: int = 1024
     chunk_tokens: int | None = None  # solve the compactable span in chunks of this many tokens
