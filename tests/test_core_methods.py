@@ -81,20 +81,20 @@ def test_one_chunk_equals_unchunked_and_chunks_bound_the_solve(prepared_llama):
     assert chunked.heldout_rel_error < 1.0
 
 
-@pytest.mark.parametrize("method", ["am", "am-omp-fast", "h2o"])
+@pytest.mark.parametrize("method", ["am", "am-omp-fast", "h2o", "kvzip"])
 def test_batched_over_heads_equals_one_head_at_a_time(method):
     generator = torch.Generator().manual_seed(0)
     heads, length, dim, count = 3, 60, 16, 200
     keys = torch.randn(heads, length, dim, generator=generator)
     block = HeadBlock(keys=keys, values=torch.randn(heads, length, dim, generator=generator),
                       queries=torch.randn(heads, count, dim, generator=generator), scaling=dim ** -0.5,
-                      positions=torch.arange(length))
+                      positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
     head_budgets = torch.tensor([5, 12, 9])
     chosen = make_method(method)
     batched = chosen.fit(block, head_budgets, PhaseTimer())
     for h in range(heads):
         single_block = HeadBlock(block.keys[h:h + 1], block.values[h:h + 1], block.queries[h:h + 1], block.scaling,
-                                 block.positions)
+                                 block.positions, block.context_scores[h:h + 1])
         single = chosen.fit(single_block, head_budgets[h:h + 1], PhaseTimer())
         kept = int(head_budgets[h])
         assert torch.equal(batched.indices[h, :kept], single.indices[0, :kept])

@@ -49,7 +49,7 @@ class FitSettings:
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     nnls_iterations: int = 2
     value_ridge: float = 1e-3
-    key_score: str = "rms"  # "rms": RMS of block-softmax weights (the paper); "max": context-normalised max (KVzip's)
+    key_score: str = "max"  # "max": context-normalised max (KVzip's, what global budgets use); "rms": the paper's
 
 
 def keep_original(block: HeadBlock, indices: torch.Tensor, active: torch.Tensor) -> BlockFit:

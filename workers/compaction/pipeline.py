@@ -55,7 +55,9 @@ class CompactionConfig:
     value_ridge: float = 1e-3
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     nnls_iterations: int = 2
-    key_score: str = "rms"
+    # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
+    # head keeps exactly its share of the global top-k; "rms" (the paper's within-head score) is the alternative.
+    key_score: str = "max"
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
     seed: int = 0
