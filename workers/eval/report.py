@@ -103,6 +103,11 @@ def _plot_vs_ratio(rows: list[dict], metric: str, label: str, path: Path, title:
     ax.set_xscale("log")
     ax.set_xlabel("keep ratio (fraction of KV slots kept)")
     ax.set_ylabel(label)
+    _finish(fig, ax, title, path)
+
+
+def _finish(fig, ax, title: str, path: Path) -> None:
+    """Shared look of every plot (log x axis set by the caller), then write it."""
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -125,12 +130,7 @@ def _plot_vs_time(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("compaction seconds per document (all phases)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, title, path)
 
 
 def write_report(rows: list[dict], out_dir: str | Path) -> list[Path]:
