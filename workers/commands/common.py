@@ -23,7 +23,7 @@ def add_compaction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="am", choices=METHOD_NAMES)
     parser.add_argument("--query-sources", nargs="+", default=["repeat", "context"], choices=QUERY_SOURCES)
     parser.add_argument("--budget", default="auto", choices=BUDGET_MODES)
-    parser.add_argument("--chunk-tokens", type=int, default=None)
+    parser.add_argument("--chunk-tokens", type=int, default=CompactionConfig.chunk_tokens)
     parser.add_argument("--max-queries-per-head", type=int, default=CompactionConfig.max_queries_per_head)
     parser.add_argument("--on-policy", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

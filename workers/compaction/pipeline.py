@@ -46,7 +46,9 @@ class CompactionConfig:
     query_sources: tuple[str, ...] = ("repeat", "context")
     max_queries_per_head: int = 8192
     heldout_queries_per_head: int = 1024
-    chunk_tokens: int | None = None  # solve the compactable span in chunks of this many tokens
+    # Solve the compactable span in chunks of this many tokens (None: one solve), so solver memory stays bounded by
+    # chunk x queries at 64k+ tokens; shorter documents are one chunk either way.
+    chunk_tokens: int | None = 8192
     budget: str = "auto"  # auto = the method's own default (global for AM and KVzip, uniform for the rest)
     max_ratio_per_head: float = 0.75
     min_slots_per_head: int = 4
