@@ -171,6 +171,7 @@ def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> 
     config.validate()
     timer = PhaseTimer(lm.device)
     rendered = render_context(lm.tokenizer, context)
+    config.keep_ratio_for(rendered.compactable_count)  # fail fast, before the expensive prefill
     generator = torch.Generator().manual_seed(config.seed)
     groups, num_kv_heads = _query_heads_per_kv(lm), _num_kv_heads(lm)
     tokens_per_source = max(1, math.ceil(config.max_queries_per_head / groups / len(config.query_sources)))
@@ -356,9 +357,6 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
 
 def compact_context(lm, context: str | list[dict], config: CompactionConfig) -> CompactionResult:
     """Compact a document / messages / tool outputs. Raises CompactionConfigError or ContextError on bad input."""
-    config.validate()
-    rendered_count = sum(render_context(lm.tokenizer, context).compactable)
-    config.keep_ratio_for(rendered_count)  # fail fast, before the expensive prefill
     return compact_prepared(lm, prepare_context(lm, context, config), config)
 
 
