@@ -115,6 +115,23 @@ def test_nnls_respects_bounds_and_recovers_exact_weights():
     assert clamped.min() >= 0.9 and clamped.max() <= 1.1
 
 
+def test_value_fit_shrinks_unattended_keys_towards_their_original_values():
+    """A kept key no reference query attends to (a needle, say) keeps its original value under the default prior;
+    plain ridge would zero it. Attended keys are fitted to the targets either way."""
+    generator = torch.Generator().manual_seed(2)
+    weights = torch.softmax(torch.randn(1, 200, 4, generator=generator), dim=-1)
+    weights = torch.cat([weights, torch.zeros(1, 200, 1)], dim=-1)  # column 4: never attended
+    true_values = torch.randn(1, 5, 8, generator=generator)
+    targets = weights @ true_values
+    original = true_values + 0.1 * torch.randn(1, 5, 8, generator=generator)
+    with_prior = solvers.fit_values(weights, targets, 1e-3, prior=original)
+    plain = solvers.fit_values(weights, targets, 1e-3)
+    assert torch.allclose(with_prior[0, 4], original[0, 4], atol=1e-5)
+    assert plain[0, 4].abs().max() < 1e-5
+    for fitted in (with_prior, plain):
+        assert torch.allclose(weights @ fitted, targets, atol=2e-2)
+
+
 def test_profile_budgets_follow_proportions_within_limits():
     proportions = torch.tensor([0.7, 0.2, 0.05, 0.05])
     allocated = budgets.profile_budgets(proportions, total=100, floor=4, cap=50)

@@ -66,3 +66,31 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     assert _eval(dataset, out) == 0
     assert json.loads((out / "results.json").read_text()) == rows
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_shards_fill_one_cache_and_report_only_reads_it(tmp_path, monkeypatch):
+    """Two `--shard` runs split the documents between them; `--report-only` then builds the report from their cache
+    without a model, and says what is missing when a shard has not run."""
+    dataset = tmp_path / "two.jsonl"
+    dataset.write_text("".join(json.dumps({**DOCUMENT, "id": f"doc-{i}"}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    common = ["eval", "--dataset", str(dataset), "--model", "tiny-llama", "--methods", "full", "truncate",
+              "--keep-ratios", "0.1", "--out", str(out)]
+    assert main(common + ["--shard", "1/2"]) == 0
+    done = sorted(p.parent.name for p in (out / "cache").rglob("*.json"))
+    assert done == ["doc-1", "doc-1"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--report-only loaded a model")
+
+    monkeypatch.setattr("workers.models.loading.load_model", refuse)
+    assert main(common + ["--report-only"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"]: r["n_questions"] for r in rows} == {"full": 2, "truncate": 2}  # doc-1 only so far
+
+    monkeypatch.undo()
+    assert main(common + ["--shard", "0/2"]) == 0
+    assert main(common + ["--report-only"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"]: r["n_questions"] for r in rows} == {"full": 4, "truncate": 4}
+    assert main(common + ["--shard", "2/2"]) == 2

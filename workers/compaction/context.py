@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from transformers import PreTrainedTokenizerBase
 
 ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -32,6 +34,10 @@ class RenderedContext:
     @property
     def compactable_count(self) -> int:
         return sum(self.compactable)
+
+    def span(self) -> torch.Tensor:
+        """Positions of the compactable tokens, in order."""
+        return torch.tensor([i for i, c in enumerate(self.compactable) if c], dtype=torch.long)
 
 
 def _content_text(content: object, where: str) -> str:

@@ -50,6 +50,7 @@ class FitSettings:
     nnls_iterations: int = 2
     value_ridge: float = 1e-3
     key_score: str = "max"  # "max": context-normalised max (KVzip's, what global budgets use); "rms": the paper's
+    value_prior: str = "original"  # what the value ridge shrinks towards: "original" values or "zero"
 
 
 def keep_original(block: HeadBlock, indices: torch.Tensor, active: torch.Tensor) -> BlockFit:
@@ -186,7 +187,9 @@ class AttentionMatching(CompactionMethod):
             if self.fit_values:
                 weights_c = solvers.compacted_weights(block.queries, c_keys, beta, block.scaling)
                 targets = solvers.attention_outputs(logits, block.values)
-                c_values = solvers.fit_values(weights_c, targets, self.settings.value_ridge).to(block.values.dtype)
+                prior = solvers.gather_keys(block.values, indices) if self.settings.value_prior == "original" else None
+                c_values = solvers.fit_values(weights_c, targets, self.settings.value_ridge,
+                                              prior).to(block.values.dtype)
             else:
                 c_values = solvers.gather_keys(block.values, indices)
         return BlockFit(indices, active, c_keys, beta, c_values)

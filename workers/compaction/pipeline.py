@@ -22,7 +22,7 @@ from workers.compaction.cache import CompactedCache
 from workers.compaction.context import RenderedContext, render_context
 from workers.compaction.forward import chunked_forward
 from workers.compaction.methods import METHOD_NAMES, BlockFit, FitSettings, HeadBlock, keep_whole_heads, make_method
-from workers.compaction.queries import QueryRecorder, attention_modules
+from workers.compaction.queries import KeyImportance, QueryRecorder, attention_modules
 from workers.compaction.reconstruction import ReconstructionMeter
 from workers.compaction.reference import (QUERY_SOURCES, ReferenceQueries, capture_passes, context_positions,
                                           plan_passes)
@@ -60,6 +60,9 @@ class CompactionConfig:
     # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
     # head keeps exactly its share of the global top-k; "rms" (the paper's within-head score) is the alternative.
     key_score: str = "max"
+    # The value fit's ridge pulls towards the kept keys' original values, so keys the reference queries barely
+    # attend to keep their values; "zero" is plain ridge regression.
+    value_prior: str = "original"
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
     seed: int = 0
@@ -80,6 +83,8 @@ class CompactionConfig:
             raise CompactionConfigError(f"budget must be one of {', '.join(BUDGET_MODES)}")
         if self.key_score not in ("rms", "mean", "max"):
             raise CompactionConfigError("key_score must be rms, mean or max")
+        if self.value_prior not in ("original", "zero"):
+            raise CompactionConfigError("value_prior must be original or zero")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
 
@@ -131,11 +136,15 @@ class PreparedContext:
 
     @property
     def span(self) -> torch.Tensor:
-        return torch.tensor([i for i, c in enumerate(self.rendered.compactable) if c], dtype=torch.long)
+        return self.rendered.span()
 
     def key_importance(self, lm, layer: int) -> torch.Tensor:
         """Every compactable key's largest attention weight over the reference queries, normalised over the whole
-        context (KVzip's measure; comparable across heads and layers). Measured once per context and layer."""
+        context (KVzip's measure; comparable across heads and layers). Measured once per context and layer.
+
+        With repeat or self-study passes the scores were taken during the passes from every pass token
+        (`KeyImportance`); the document's own queries, which mostly look at nearby tokens, do not vote then. With
+        context queries alone they are scored here from the captured subsample."""
         if layer not in self.importance:
             queries = self.fit_queries(layer)
             keys = self.cache.layers[layer].keys[0]
@@ -196,8 +205,13 @@ def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> 
     with timer.phase("queries"):
         passes = plan_passes(lm, cache, rendered, tuple(config.query_sources), tokens_per_source, heldout_tokens,
                              config.self_study_tokens, generator, config.seed)
-        capture_passes(lm, cache, passes, pass_queries, num_kv_heads, config.prefill_chunk_tokens)
-    return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict())
+        importance = KeyImportance(lm.model, {i: layer.keys[0] for i, layer in enumerate(cache.layers)
+                                              if not getattr(layer, "is_sliding", False)}, rendered.span(),
+                                   num_kv_heads)
+        capture_passes(lm, cache, passes, pass_queries, num_kv_heads, config.prefill_chunk_tokens,
+                       importance=importance)
+    return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict(),
+                           importance=importance.scores)
 
 
 def _chunks(span_length: int, chunk_tokens: int | None) -> list[slice]:
@@ -307,7 +321,8 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     timer = PhaseTimer(lm.device)
     method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, value_ridge=config.value_ridge,
                                                     nnls_iterations=config.nnls_iterations,
-                                                    key_score=config.key_score))
+                                                    key_score=config.key_score,
+                                                    value_prior=config.value_prior))
     span = prepared.span
     keep_ratio = config.keep_ratio_for(span.numel())
     mode = method.default_budget if config.budget == "auto" else config.budget

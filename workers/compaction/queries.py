@@ -13,6 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from workers.compaction.solvers import attention_logits
+
 
 class StopForward(Exception):
     """Raised by a recorder hook to end a forward pass early once the last wanted layer has been captured."""
@@ -84,3 +86,51 @@ class QueryRecorder:
             for handle in handles:
                 handle.remove()
 
+
+
+class KeyImportance:
+    """KVzip's key importance, measured while a query pass runs: every key of the context span scored by the largest
+    attention weight that any query of the pass (every position, every query head sharing its KV head) gives it,
+    normalised over the whole context, so scores compare across heads and layers.
+
+    Unlike the reference queries, which are subsampled for the fits, no position is skipped here: a needle is looked
+    at by the few repeat-pass tokens that copy it, and a subsample would miss them. Only a running max per key is
+    kept, so memory stays at one score per key whatever the pass length.
+    """
+
+    LOGIT_ELEMENTS = 1 << 26  # queries are scored in blocks of at most this many logits
+
+    def __init__(self, model: nn.Module, context_keys: dict[int, torch.Tensor], span: torch.Tensor,
+                 num_kv_heads: int):
+        self.modules = attention_modules(model)
+        self.context_keys = context_keys  # layer -> (H_kv, T, d) post-RoPE keys of the whole context
+        self.span = span
+        self.num_kv_heads = num_kv_heads
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> (H_kv, span) running max
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layer = module.layer_idx
+        if layer not in self.context_keys:
+            return
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        queries = pool_gqa(project_queries(module, hidden[:1], cos[:1], sin[:1])[0], self.num_kv_heads)
+        keys = self.context_keys[layer]
+        span = self.span.to(keys.device)
+        block = max(1, self.LOGIT_ELEMENTS // (keys.shape[0] * keys.shape[1]))
+        best = self.scores.get(layer)
+        for start in range(0, queries.shape[1], block):
+            logits = attention_logits(queries[:, start:start + block], keys, module.scaling)
+            weights = torch.exp(logits[:, :, span] - torch.logsumexp(logits, dim=-1, keepdim=True))
+            top = weights.amax(dim=1)
+            best = top if best is None else torch.maximum(best, top)
+        self.scores[layer] = best
+
+    @contextmanager
+    def attached(self) -> Iterator["KeyImportance"]:
+        handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

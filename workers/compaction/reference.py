@@ -11,6 +11,7 @@ for every layer and head. A disjoint set of tokens is held out to measure recons
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from workers.compaction.context import REPEAT_PROMPT, RenderedContext, continuation_ids
 from workers.compaction.forward import chunked_forward, fork_cache
 from workers.compaction.generation import decode
-from workers.compaction.queries import QueryRecorder, pool_gqa
+from workers.compaction.queries import KeyImportance, QueryRecorder, pool_gqa
 
 QUERY_SOURCES = ("repeat", "self-study", "context")
 SELF_STUDY_PROMPTS = (
@@ -110,12 +111,14 @@ def plan_passes(lm, cache, rendered: RenderedContext, sources: tuple[str, ...], 
 
 
 def capture_passes(lm, cache, passes: list[QueryPass], into: ReferenceQueries, num_kv_heads: int,
-                   chunk_tokens: int, layers: set[int] | None = None, stop_after_layer: int | None = None) -> None:
-    """Run every pass on a fork of `cache` and add its queries (all layers, or `layers`) to `into`."""
+                   chunk_tokens: int, layers: set[int] | None = None, stop_after_layer: int | None = None,
+                   importance: KeyImportance | None = None) -> None:
+    """Run every pass on a fork of `cache` and add its queries (all layers, or `layers`) to `into`; with
+    `importance`, also score the context's keys on every token of the passes."""
     for query_pass in passes:
         recorder = QueryRecorder(lm.model, layers=layers, stop_after_layer=stop_after_layer)
         capture, heldout_mask = query_pass.capture_positions()
-        with recorder.attached():
+        with recorder.attached(), (importance.attached() if importance else nullcontext()):
             chunked_forward(lm.model, query_pass.ids, fork_cache(cache), chunk_tokens, recorder, capture)
         for layer, pieces in recorder.captured.items():
             into.add(layer, torch.cat(pieces, dim=1), heldout_mask, num_kv_heads)
@@ -124,7 +127,6 @@ def capture_passes(lm, cache, passes: list[QueryPass], into: ReferenceQueries, n
 def context_positions(rendered: RenderedContext, count: int, heldout_count: int,
                       generator: torch.Generator) -> QueryPass:
     """The document's own tokens as a query source (captured during the prefill)."""
-    span = torch.tensor([i for i, compactable in enumerate(rendered.compactable) if compactable])
-    fit, heldout = split_positions(span, count, heldout_count, generator)
+    fit, heldout = split_positions(rendered.span(), count, heldout_count, generator)
     return QueryPass(ids=rendered.ids, positions=fit, heldout=heldout)
 

@@ -137,15 +137,20 @@ def compacted_weights(queries: torch.Tensor, c_keys: torch.Tensor, beta: torch.T
     return torch.softmax(attention_logits(queries, c_keys, scaling) + beta[:, None, :], dim=-1)
 
 
-def fit_values(weights: torch.Tensor, target_outputs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """C_v = argmin ||X C_v - Y||^2 + lambda ||C_v||^2 with lambda = ridge * sigma_max(X)^2: (H, t, d) float32.
+def fit_values(weights: torch.Tensor, target_outputs: torch.Tensor, ridge: float,
+               prior: torch.Tensor | None = None) -> torch.Tensor:
+    """C_v = argmin ||X C_v - Y||^2 + lambda ||C_v - P||^2 with lambda = ridge * sigma_max(X)^2: (H, t, d) float32.
 
     A small ridge (relative to X's spectral norm, so it is scale free) keeps columns whose weights are nearly zero on
-    every reference query from being inflated by least squares; padding columns (all-zero) come back as 0.
+    every reference query from being inflated by least squares. It pulls such a column towards the prior P: the kept
+    keys' original values when given (a key the reference queries hardly attend to, a needle say, then keeps the
+    value it had instead of losing it to zero), else zero. Padding columns (all-zero weights) come back as P or 0.
     """
     gram = (weights.transpose(1, 2) @ weights).double()
     rhs = (weights.transpose(1, 2) @ target_outputs.float()).double()
     regulariser = ridge * _spectral_norm_sq(gram) + RIDGE_FLOOR
+    if prior is not None:
+        rhs = rhs + regulariser[:, None, None] * prior.double()
     return _solve_spd(gram, rhs, regulariser).float()
 
 

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="in-process dtype (auto | bfloat16 | float16 | float32)")
     parser.add_argument("--endpoint", default=None, help="run through the HTTP API at this URL instead of in-process")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "none"), help="API key for --endpoint")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="run only documents I, I+N, I+2N... (0-based), so N processes can share one OUT")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from OUT's cached results alone (no model, nothing computed)")
     parser.add_argument("--with-kvpress", action="store_true",
                         help="also run NVIDIA kvpress presses in their own virtual environment (in-process mode only)")
 
@@ -41,7 +45,18 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--limit and --max-questions-per-doc must be at least 1"
     if args.with_kvpress and args.endpoint:
         return "--with-kvpress runs in-process only (kvpress loads the model itself)"
+    if args.report_only and args.endpoint and not args.model:
+        return "--report-only with --endpoint needs --model: the served model names the cached results"
+    if _parse_shard(args.shard) is None:
+        return f"--shard must be I/N with 0 <= I < N, got {args.shard!r}"
     return None
+
+
+def _parse_shard(text: str) -> tuple[int, int] | None:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        return None
+    return int(index), int(count)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +78,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvcompact eval: {error}", file=sys.stderr)
         return 2
     plan = EvalPlan(datasets=tuple(args.dataset), methods=methods, keep_ratios=tuple(args.keep_ratios),
-                    limit=args.limit, max_questions=args.max_questions_per_doc)
+                    limit=args.limit, max_questions=args.max_questions_per_doc, shard=_parse_shard(args.shard))
+    if args.report_only:
+        from workers.eval.runner import cached_records
+
+        label = f"http-{args.model}" if args.endpoint else args.model or "bundled"
+        store = ResultStore(args.out, label)
+        records, missing = cached_records(plan, store)
+        if args.with_kvpress:
+            from workers.eval.kvpress_side import collect
+
+            records += collect(plan, store, require_all=False)
+        if missing:
+            print(f"kvcompact eval: {missing} (document, method, ratio) results are not in {args.out} yet; "
+                  "the report leaves them out", file=sys.stderr)
+        print("\n".join(str(path) for path in write_report(aggregate(records), args.out)))
+        return 0
     if args.endpoint:
         backend = HttpBackend(args.endpoint, args.model, args.api_key)
         try:

@@ -92,8 +92,9 @@ def run_kvpress(plan: EvalPlan, source: str, store: ResultStore, dtype: str = "a
     return collect(plan, store)
 
 
-def collect(plan: EvalPlan, store: ResultStore) -> list[dict]:
-    """The kvpress records of the plan's documents, read back from the store."""
+def collect(plan: EvalPlan, store: ResultStore, require_all: bool = True) -> list[dict]:
+    """The kvpress records of the plan's documents, read back from the store (`require_all`: a missing one is an
+    error; otherwise it is skipped, for reports of partial runs)."""
     records = []
     for path in plan.datasets:
         name = dataset_name(path)
@@ -102,6 +103,8 @@ def collect(plan: EvalPlan, store: ResultStore) -> list[dict]:
             units = [(FULL_METHOD, 1.0)] + [(m, r) for m in PRESSES for r in plan.keep_ratios]
             for method, ratio in units:
                 record = store.load(name, document.id, method, ratio, n_questions)
+                if record is None and not require_all:
+                    continue
                 if record is None:
                     raise KvpressError(f"kvpress left no result for {name}/{document.id} {method}@{ratio:g}")
                 records.append(record)

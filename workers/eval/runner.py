@@ -34,10 +34,16 @@ class EvalPlan:
     keep_ratios: tuple[float, ...]
     limit: int | None = None
     max_questions: int | None = None
+    shard: tuple[int, int] = (0, 1)  # (index, count): this process takes documents index, index + count, ...
 
     def units(self) -> list[tuple[MethodSpec, float]]:
         """(method, keep ratio) pairs run on every document; ratio-free methods appear once."""
         return [(spec, ratio) for spec in self.methods for ratio in spec.keep_ratios(list(self.keep_ratios))]
+
+    def corpora(self) -> list[tuple[str, list[Document]]]:
+        """(dataset name, this shard's documents) per dataset."""
+        index, count = self.shard
+        return [(dataset_name(path), load_dataset(path, self.limit)[index::count]) for path in self.datasets]
 
 
 @dataclass
@@ -100,7 +106,7 @@ class _DocumentEval:
 
 def run_eval(backend: Backend, plan: EvalPlan, store: ResultStore) -> list[dict]:
     """Run (or reuse) every unit of the plan; returns all records, cached ones included."""
-    corpora = [(dataset_name(path), load_dataset(path, plan.limit)) for path in plan.datasets]
+    corpora = plan.corpora()
     total = sum(len(docs) * len(plan.units()) for _, docs in corpora)
     records: list[dict] = []
     with tqdm(total=total, desc="eval", unit="run") as bar:
@@ -116,3 +122,19 @@ def run_eval(backend: Backend, plan: EvalPlan, store: ResultStore) -> list[dict]
                     records.append(record)
                     bar.update(1)
     return records
+
+
+def cached_records(plan: EvalPlan, store: ResultStore) -> tuple[list[dict], int]:
+    """The plan's records already in the store, and how many units are missing: a report without the model, e.g.
+    after several `--shard` processes filled one cache."""
+    records, missing = [], 0
+    for name, documents in plan.corpora():
+        for document in documents:
+            questions = len(document.questions[: plan.max_questions])
+            for spec, ratio in plan.units():
+                record = store.load(name, document.id, spec.name, ratio, questions)
+                if record is None:
+                    missing += 1
+                else:
+                    records.append(record)
+    return records, missing
