@@ -79,3 +79,14 @@ def test_duplicate_ids_and_missing_or_empty_files(tmp_path):
         load_dataset(tmp_path / "missing.jsonl")
     with pytest.raises(DatasetError, match="no documents"):
         load_dataset(_write(tmp_path, [""]))
+
+
+def test_niah_answer_budget_fits_every_gold_value():
+    """A flat 24 tokens per value cut the bundled model's UUID answers short (~30 tokens each): the budget grows with
+    the gold values' length, one token per character at worst."""
+    if not DATA.is_dir():
+        pytest.skip("shared/data is not next to this checkout")
+    for document in load_dataset(DATA / "ruler_niah.jsonl", limit=2):
+        for question in document.questions:
+            longest = max(len(value) for value in question.answers)
+            assert question_prompt(document, question).max_new_tokens >= len(question.answers) * longest

@@ -48,7 +48,7 @@ class FitSettings:
     beta_lower: float = solvers.DEFAULT_BETA_BOUNDS[0]
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     nnls_iterations: int = 2
-    value_ridge: float = 1e-3
+    value_ridge: float = 0.1
     key_score: str = "max"  # "max": context-normalised max (KVzip's, what global budgets use); "rms": the paper's
     value_prior: str = "original"  # what the value ridge shrinks towards: "original" values or "zero"
 

@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `kvcompact --help` imports every sub-command module and must stay fast.
     from workers.compaction.pipeline import CompactionConfig
     from workers.eval.backends import InProcessBackend
-    from workers.eval.endpoint import EndpointError, HttpBackend
     from workers.eval.report import aggregate, write_report
     from workers.eval.resultcache import ResultStore
     from workers.eval.runner import EvalPlan, run_eval
@@ -95,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(str(path) for path in write_report(aggregate(records), args.out)))
         return 0
     if args.endpoint:
+        from workers.eval.endpoint import EndpointError, HttpBackend
+
         backend = HttpBackend(args.endpoint, args.model, args.api_key)
         try:
             for spec in methods:

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from workers.eval.datasets import Document, Question
 
 MC_MAX_NEW_TOKENS = 4
-NIAH_MAX_NEW_TOKENS_PER_VALUE = 24  # a multi-value NIAH question asks for 4 values, a UUID alone is ~20 tokens
+# Tokens a NIAH answer may take per gold value: at least 24, and the value's length in characters plus 12 (a
+# tokenizer never needs more than one token per character of a UUID's hex; the bundled one needs ~30 for a
+# 36-character UUID, so a flat 24 cut every UUID answer short).
+NIAH_MIN_TOKENS_PER_VALUE = 24
+NIAH_TOKENS_BEYOND_VALUE = 12
 KV_MAX_NEW_TOKENS = 48
 QA_MAX_NEW_TOKENS = 32
 
@@ -53,7 +57,8 @@ def niah_prompt(document: Document, question: Question) -> QuestionPrompt:
         f"Some special magic {kind} are hidden within the text above. {question.question.strip()} "
         f"Answer with the special magic {kind} only."
     )
-    return QuestionPrompt(text, NIAH_MAX_NEW_TOKENS_PER_VALUE * max(1, len(question.answers)))
+    budget = sum(max(NIAH_MIN_TOKENS_PER_VALUE, len(value) + NIAH_TOKENS_BEYOND_VALUE) for value in question.answers)
+    return QuestionPrompt(text, max(NIAH_MIN_TOKENS_PER_VALUE, budget))
 
 
 def kv_retrieval_prompt(question: Question) -> QuestionPrompt:
