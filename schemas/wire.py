@@ -114,7 +114,7 @@ class CompactRequest(BaseModel):
     keep_ratio: float | None = Field(default=None, gt=0, le=1)
     target_tokens: int | None = Field(default=None, ge=1)
     method: CompactionMethod = "am"
-    query_sources: list[QuerySource] = Field(default_factory=lambda: ["repeat", "context"], min_length=1)
+    query_sources: list[QuerySource] = Field(default_factory=lambda: ["repeat"], min_length=1)
     chunk_tokens: int | None = Field(default=None, ge=1)
     ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=1, le=MAX_TTL_SECONDS)
     background: bool = False

@@ -58,7 +58,7 @@ def chunks() -> list[ChatCompletionChunk]:
 def test_compact_request_defaults():
     request = CompactRequest(model="m", input="a long document")
     assert request.keep_ratio == 0.1 and request.target_tokens is None
-    assert request.method == "am" and request.query_sources == ["repeat", "context"]
+    assert request.method == "am" and request.query_sources == ["repeat"]
     assert request.ttl_seconds == 86400 and request.background is False and request.metadata is None
 
 

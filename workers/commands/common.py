@@ -21,7 +21,7 @@ def add_compaction_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--keep-ratio", type=float, default=None, help="fraction of document tokens kept (default 0.1)")
     size.add_argument("--target-tokens", type=int, default=None, help="document tokens kept per head on average")
     parser.add_argument("--method", default="am", choices=METHOD_NAMES)
-    parser.add_argument("--query-sources", nargs="+", default=["repeat", "context"], choices=QUERY_SOURCES)
+    parser.add_argument("--query-sources", nargs="+", default=["repeat"], choices=QUERY_SOURCES)
     parser.add_argument("--budget", default="auto", choices=BUDGET_MODES)
     parser.add_argument("--chunk-tokens", type=int, default=CompactionConfig.chunk_tokens)
     parser.add_argument("--max-queries-per-head", type=int, default=CompactionConfig.max_queries_per_head)

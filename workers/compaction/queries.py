@@ -8,12 +8,23 @@ same space as the cached (post-RoPE) keys. Queries of the G query heads sharing 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from workers.compaction.solvers import attention_logits
+
+
+@contextmanager
+def _pre_hooks(owner, modules: list[nn.Module], hook) -> Iterator:
+    """`hook` as a forward pre-hook (with kwargs) on every module while the block runs; yields `owner`."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield owner
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class StopForward(Exception):
@@ -77,14 +88,8 @@ class QueryRecorder:
         if self.stop_after_layer is not None and layer >= self.stop_after_layer:
             raise StopForward
 
-    @contextmanager
-    def attached(self) -> Iterator["QueryRecorder"]:
-        handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def attached(self) -> ContextManager["QueryRecorder"]:
+        return _pre_hooks(self, self.modules, self._hook)
 
 
 
@@ -126,11 +131,5 @@ class KeyImportance:
             best = top if best is None else torch.maximum(best, top)
         self.scores[layer] = best
 
-    @contextmanager
-    def attached(self) -> Iterator["KeyImportance"]:
-        handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def attached(self) -> ContextManager["KeyImportance"]:
+        return _pre_hooks(self, self.modules, self._hook)
