@@ -17,6 +17,7 @@ from fastapi import Depends, Header, Request
 
 from app.errors import AuthenticationError
 from app.jobs import JobQueue
+from workers.envconfig import env_values
 from workers.store.redis_store import BlobStore
 
 OPEN_TENANT = "default"
@@ -71,16 +72,14 @@ class Settings:
         return cls(
             redis_url=env.get("KVC_REDIS_URL") or None,
             data_dir=Path(env.get("KVC_DATA_DIR", "./data")),
-            model=env.get("KVC_MODEL", cls.model),
             secret=env.get("KVC_SECRET") or None,
             api_keys=parse_api_keys(env.get("KVC_API_KEYS", "")),
-            max_input_bytes=int(env.get("KVC_MAX_INPUT_BYTES", cls.max_input_bytes)),
-            max_input_tokens=int(env.get("KVC_MAX_INPUT_TOKENS", cls.max_input_tokens)),
-            max_queue_depth=int(env.get("KVC_MAX_QUEUE_DEPTH", cls.max_queue_depth)),
-            default_max_tokens=int(env.get("KVC_DEFAULT_MAX_TOKENS", cls.default_max_tokens)),
-            compact_wait_seconds=float(env.get("KVC_COMPACT_WAIT_SECONDS", cls.compact_wait_seconds)),
-            chat_wait_seconds=float(env.get("KVC_CHAT_WAIT_SECONDS", cls.chat_wait_seconds)),
-            prefix=env.get("KVC_REDIS_PREFIX", cls.prefix),
+            **env_values(cls, {
+                "model": "KVC_MODEL", "max_input_bytes": "KVC_MAX_INPUT_BYTES",
+                "max_input_tokens": "KVC_MAX_INPUT_TOKENS", "max_queue_depth": "KVC_MAX_QUEUE_DEPTH",
+                "default_max_tokens": "KVC_DEFAULT_MAX_TOKENS", "compact_wait_seconds": "KVC_COMPACT_WAIT_SECONDS",
+                "chat_wait_seconds": "KVC_CHAT_WAIT_SECONDS", "prefix": "KVC_REDIS_PREFIX",
+            }),
         )
 
 

@@ -35,6 +35,7 @@ from workers.compaction.context import ContextError, continuation_ids, render_co
 from workers.compaction.generation import decode, stream_generate
 from workers.compaction.pipeline import CompactionConfig, CompactionConfigError, compact_context
 from workers.compaction.types import CompactedKV
+from workers.envconfig import env_values
 from workers.hot_cache import HotCache
 from workers.logging_setup import bind_request_id, configure_logging, request_id_var
 from workers.queue import (
@@ -77,18 +78,13 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
-        env = os.environ
-        return cls(
-            claim_idle_seconds=float(env.get("KVC_CLAIM_IDLE_SECONDS", cls.claim_idle_seconds)),
-            heartbeat_seconds=float(env.get("KVC_HEARTBEAT_SECONDS", cls.heartbeat_seconds)),
-            block_seconds=float(env.get("KVC_BLOCK_SECONDS", cls.block_seconds)),
-            max_deliveries=int(env.get("KVC_MAX_DELIVERIES", cls.max_deliveries)),
-            hot_cache_entries=int(env.get("KVC_HOT_CACHE_ENTRIES", cls.hot_cache_entries)),
-            hot_cache_bytes=int(env.get("KVC_HOT_CACHE_BYTES", cls.hot_cache_bytes)),
-            fault_sleep_seconds=float(env.get("KVC_FAULT_SLEEP_SECONDS", cls.fault_sleep_seconds)),
-            fault_token_sleep_seconds=float(env.get("KVC_FAULT_TOKEN_SLEEP_SECONDS", cls.fault_token_sleep_seconds)),
-            prefix=env.get("KVC_REDIS_PREFIX", cls.prefix),
-        )
+        return cls(**env_values(cls, {
+            "claim_idle_seconds": "KVC_CLAIM_IDLE_SECONDS", "heartbeat_seconds": "KVC_HEARTBEAT_SECONDS",
+            "block_seconds": "KVC_BLOCK_SECONDS", "max_deliveries": "KVC_MAX_DELIVERIES",
+            "hot_cache_entries": "KVC_HOT_CACHE_ENTRIES", "hot_cache_bytes": "KVC_HOT_CACHE_BYTES",
+            "fault_sleep_seconds": "KVC_FAULT_SLEEP_SECONDS",
+            "fault_token_sleep_seconds": "KVC_FAULT_TOKEN_SLEEP_SECONDS", "prefix": "KVC_REDIS_PREFIX",
+        }))
 
     @property
     def heartbeat_ttl_seconds(self) -> int:
