@@ -13,7 +13,7 @@ from typing import ContextManager, Iterator
 import torch
 from torch import nn
 
-from workers.compaction.solvers import attention_logits
+from workers.compaction.solvers import attention_logits, key_scores, log_mass
 
 
 @contextmanager
@@ -126,8 +126,7 @@ class KeyImportance:
         best = self.scores.get(layer)
         for start in range(0, queries.shape[1], block):
             logits = attention_logits(queries[:, start:start + block], keys, module.scaling)
-            weights = torch.exp(logits[:, :, span] - torch.logsumexp(logits, dim=-1, keepdim=True))
-            top = weights.amax(dim=1)
+            top = key_scores(logits[:, :, span], "max", log_mass(logits))
             best = top if best is None else torch.maximum(best, top)
         self.scores[layer] = best
 
