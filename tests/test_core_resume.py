@@ -9,8 +9,9 @@ from tests.core_helpers import DOCUMENT, tiny
 from workers.compaction.cache import CompactedCache
 from workers.compaction.context import continuation_ids, render_context
 from workers.compaction.forward import run_forward
-from workers.compaction.generation import next_token_logprobs, stream_generate
+from workers.compaction.generation import greedy_batch, next_token_logprobs, stream_generate
 from workers.compaction.pipeline import CompactionConfig, compact_context, full_context
+from workers.eval.backends import empty_kv
 
 QUESTION = [{"role": "user", "content": "Who built the lighthouse?"}]
 
@@ -56,26 +57,38 @@ def test_transformers_generate_accepts_the_compacted_cache():
     assert generated[0, len(logical):].tolist() == ours
 
 
-def test_batch_of_left_padded_questions_matches_one_at_a_time():
-    lm = tiny("qwen3")
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("keep_ratio", [0.3, None])
+def test_batch_of_left_padded_questions_matches_one_at_a_time(family, keep_ratio):
+    """greedy_batch (the eval's decoder) gives every prompt the tokens it gets alone, on a compacted context and on
+    an empty one (keep_ratio None: zero slots, as the eval's `none` method)."""
+    lm = tiny(family)
+    if keep_ratio is None:
+        compacted, roles = empty_kv(lm), []
+    else:
+        compacted = compact_context(lm, DOCUMENT, CompactionConfig(keep_ratio=keep_ratio)).compacted
+        roles = compacted.meta["roles"]
+    questions = ("Who built it?", "When did the last keeper leave the lighthouse, and why did nobody replace him?",
+                 "Name the town.")
+    prompts = [continuation_ids(lm.tokenizer, roles, [{"role": "user", "content": text}]) if roles
+               else lm.tokenizer.encode(text) for text in questions]
+    assert len(set(map(len, prompts))) == 3, "the prompts must differ in length for padding to be exercised"
+    together = greedy_batch(lm, compacted, prompts, max_new_tokens=6, stop_ids=set())
+    alone = [list(stream_generate(lm, compacted, p, max_new_tokens=6, stop_ids=set())) for p in prompts]
+    assert together == alone
+    assert all(len(tokens) == 6 for tokens in together)
+
+
+def test_batch_rows_stop_at_their_own_stop_token():
+    lm = tiny("llama")
     compacted = compact_context(lm, DOCUMENT, CompactionConfig(keep_ratio=0.3)).compacted
     prompts = [continuation_ids(lm.tokenizer, compacted.meta["roles"], [{"role": "user", "content": text}])
-               for text in ("Who built it?", "When did the last keeper leave the lighthouse?")]
-    width = max(map(len, prompts))
-    pad = lm.tokenizer.pad_token_id
-    rows = [[pad] * (width - len(p)) + p for p in prompts]
-    logical = torch.tensor([[0] * compacted.original_length + row for row in rows])
-    mask = torch.ones_like(logical)
-    for i, p in enumerate(prompts):
-        mask[i, compacted.original_length:compacted.original_length + width - len(p)] = 0
-    cache = CompactedCache(compacted, lm.model.config, batch_size=2)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, compacted.original_length:]
-    with torch.no_grad():
-        logits = lm.model(input_ids=logical[:, compacted.original_length:], attention_mask=mask,
-                          position_ids=positions, cache=cache).logits[:, -1].float()
-    for i, p in enumerate(prompts):
-        alone = next_token_logprobs(lm, compacted, p)
-        assert (torch.log_softmax(logits[i], -1) - alone).abs().max() < 1e-4
+               for text in ("Who built it?", "Where is it?")]
+    free = greedy_batch(lm, compacted, prompts, max_new_tokens=5, stop_ids=set())
+    stop = free[0][2]
+    stopped = greedy_batch(lm, compacted, prompts, max_new_tokens=5, stop_ids={stop})
+    assert stopped == [tokens[:tokens.index(stop)] if stop in tokens else tokens for tokens in free]
+    assert len(stopped[0]) <= 2
 
 
 def test_ragged_padding_slots_are_invisible():

@@ -23,12 +23,14 @@ def _cache_argument(model_class: type) -> str:
 
 
 def run_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, position_ids: torch.Tensor | None = None):
     """One forward over `input_ids` (B, S) appending to `cache`; returns the model output (logits of the last
     `logits_to_keep` positions, all when 0)."""
     kwargs = {_cache_argument(type(model)): cache, "use_cache": True, "logits_to_keep": logits_to_keep}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     return model(input_ids=input_ids, **kwargs)
 
 

@@ -62,6 +62,62 @@ def stream_generate(lm, compacted: CompactedKV, ids: list[int], max_new_tokens: 
     yield from decode(lm, cache, ids, max_new_tokens, temperature, top_p, seed, stop_ids)
 
 
+def greedy_batch(lm, compacted: CompactedKV, prompts: list[list[int]], max_new_tokens: int,
+                 stop_ids: set[int] | None = None) -> list[list[int]]:
+    """Greedy answers to several prompts after the same context, decoded as batches.
+
+    Decoding is bound by per-step overhead (kernel launches), not arithmetic, so answering a document's questions
+    together costs about as much as answering one. Each row gets the answer it gets alone. Sliding-window layers
+    count left padding as positions (a padded row's window would cover padding instead of the context's end), so
+    on models with such layers only prompts of equal length share a batch.
+    """
+    if not prompts or not all(prompts):
+        raise ValueError("greedy_batch needs at least one prompt, each of at least one token")
+    if not any(layer.sliding for layer in compacted.layers):
+        return _greedy_padded(lm, compacted, prompts, max_new_tokens, stop_ids)
+    answers: dict[int, list[int]] = {}
+    for length in {len(prompt) for prompt in prompts}:
+        rows = [row for row, prompt in enumerate(prompts) if len(prompt) == length]
+        same_length = _greedy_padded(lm, compacted, [prompts[row] for row in rows], max_new_tokens, stop_ids)
+        answers.update(zip(rows, same_length))
+    return [answers[row] for row in range(len(prompts))]
+
+
+@torch.inference_mode()
+def _greedy_padded(lm, compacted: CompactedKV, prompts: list[list[int]], max_new_tokens: int,
+                   stop_ids: set[int] | None) -> list[list[int]]:
+    """One left-padded batch: padding is masked and every row gets the positions it would get alone (T, T+1, ...
+    after the original length T). A row stops at its first stop id (excluded); the batch when every row has."""
+    stop_ids = eos_token_ids(lm) if stop_ids is None else stop_ids
+    width, prefix = max(map(len, prompts)), compacted.original_length
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    inputs = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=lm.device)
+    # Attention mask over logical positions: the whole context, then each row's own tokens (its padding masked).
+    mask = torch.ones(len(prompts), prefix + width, dtype=torch.long, device=lm.device)
+    for row, prompt in enumerate(prompts):
+        mask[row, prefix:prefix + width - len(prompt)] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
+    cache = CompactedCache(compacted, lm.model.config, batch_size=len(prompts), device=lm.device)
+    answers: list[list[int]] = [[] for _ in prompts]
+    running = [True] * len(prompts)
+    for _ in range(max_new_tokens):
+        logits = run_forward(lm.model, inputs, cache, attention_mask=mask, position_ids=positions,
+                             logits_to_keep=1).logits[:, -1]
+        tokens = logits.argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            if running[row]:
+                if token in stop_ids:
+                    running[row] = False
+                else:
+                    answers[row].append(token)
+        if not any(running):
+            break
+        inputs = tokens[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+    return answers
+
+
 @torch.inference_mode()
 def answer_logprob(lm, compacted: CompactedKV, prompt_ids: list[int], answer_ids: list[int]) -> float:
     """Mean log-probability per token of `answer_ids` after `prompt_ids`, teacher forced (the paper's

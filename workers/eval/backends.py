@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from workers.compaction.context import continuation_ids
-from workers.compaction.generation import answer_logprob, next_token_logprobs, stream_generate
+from workers.compaction.generation import answer_logprob, greedy_batch, next_token_logprobs, stream_generate
 from workers.compaction.pipeline import (CompactionConfig, PreparedContext, compact_prepared, full_context,
                                          prepare_context)
 from workers.compaction.types import CompactedKV, CompactedLayer
@@ -66,6 +66,10 @@ class Backend(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
     def generate(self, context: BuiltContext, prompt: str, max_new_tokens: int) -> Answer: ...
+
+    def generate_all(self, context: BuiltContext, prompts: list[tuple[str, int]]) -> list[Answer]:
+        """Greedy answers to several (prompt, max_new_tokens) after one context, in order."""
+        ...
 
     def answer_logprob(self, context: BuiltContext, prompt: str, answer: Answer) -> float | None: ...
 
@@ -160,6 +164,16 @@ class InProcessBackend:
         ids = self._prompt_ids(context, prompt)
         tokens = tuple(int(t) for t in stream_generate(self.lm, context.handle, ids, max_new_tokens=max_new_tokens,
                                                         temperature=0.0, top_p=1.0, seed=None))
+        return self._answer(tokens)
+
+    def generate_all(self, context: BuiltContext, prompts: list[tuple[str, int]]) -> list[Answer]:
+        """One left-padded batch (see greedy_batch); each answer is cut at its own prompt's token budget."""
+        ids = [self._prompt_ids(context, prompt) for prompt, _ in prompts]
+        longest = max(budget for _, budget in prompts)
+        batch = greedy_batch(self.lm, context.handle, ids, max_new_tokens=longest)
+        return [self._answer(tuple(tokens[:budget])) for tokens, (_, budget) in zip(batch, prompts)]
+
+    def _answer(self, tokens: tuple[int, ...]) -> Answer:
         return Answer(self.lm.tokenizer.decode(list(tokens), skip_special_tokens=True), tokens)
 
     def answer_logprob(self, context: BuiltContext, prompt: str, answer: Answer) -> float | None:

@@ -92,6 +92,10 @@ class HttpBackend:
                                                        temperature=0.0)
         return Answer(response.choices[0].message.content or "")
 
+    def generate_all(self, context: BuiltContext, prompts: list[tuple[str, int]]) -> list[Answer]:
+        """One chat call per prompt: the service batches concurrent requests itself, the client need not."""
+        return [self.generate(context, prompt, budget) for prompt, budget in prompts]
+
     def answer_logprob(self, context: BuiltContext, prompt: str, answer: Answer) -> None:
         return None
 

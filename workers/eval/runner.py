@@ -73,25 +73,29 @@ class _DocumentEval:
     @property
     def references(self) -> list[_Reference]:
         if self._references is None:
-            self._references = []
-            for question in self.questions:
-                prompt = question_prompt(self.document, question)
-                answer = self.backend.generate(self.full, prompt.text, prompt.max_new_tokens)
-                next_token = self.backend.next_token_logprobs(self.full, prompt.text)
-                self._references.append(_Reference(prompt, answer, next_token))
+            prompts = [question_prompt(self.document, question) for question in self.questions]
+            answers = self._answers(self.full, prompts)
+            self._references = [_Reference(prompt, answer, self.backend.next_token_logprobs(self.full, prompt.text))
+                                for prompt, answer in zip(prompts, answers)]
         return self._references
+
+    def _answers(self, context: BuiltContext, prompts: list[QuestionPrompt]) -> list[Answer]:
+        return self.backend.generate_all(context, [(prompt.text, prompt.max_new_tokens) for prompt in prompts])
 
     def evaluate(self, spec: MethodSpec, keep_ratio: float) -> dict:
         """One record: build the method's cache, ask every question, score against gold and the full cache."""
         text = context_message(self.document)
         context = build_context(self.backend, spec, text, keep_ratio, self.full, self.summaries)
         rows = []
-        for index, (question, reference) in enumerate(zip(self.questions, self.references)):
+        if spec.kind == FULL:
+            answers = [reference.answer for reference in self.references]
+        else:
+            answers = self._answers(context, [reference.prompt for reference in self.references])
+        for index, (question, reference, answer) in enumerate(zip(self.questions, self.references, answers)):
             prompt = reference.prompt
             if spec.kind == FULL:
-                answer, next_token = reference.answer, reference.next_token
+                next_token = reference.next_token
             else:
-                answer = self.backend.generate(context, prompt.text, prompt.max_new_tokens)
                 next_token = self.backend.next_token_logprobs(context, prompt.text)
             logprob = self.backend.answer_logprob(context, prompt.text, reference.answer)
             kl = None if next_token is None else kl_divergence(reference.next_token, next_token)
