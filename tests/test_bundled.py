@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.models import bundled
+from workers.models.loading import resolve_dtype
 
 PARAGRAPH = (
     "The lighthouse on Gull Point was built in 1931 by an engineer named Mara Quill. "
@@ -90,7 +91,8 @@ def test_unknown_name_lists_the_known_ones() -> None:
 def tokenizer_and_model():
     model_dir = bundled.bundled_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    # The dtype the service would pick here: bf16 is emulated, and slow, on CPUs without bf16 hardware.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", torch.device("cpu"))).eval()
     return tokenizer, model
 
 
@@ -112,7 +114,7 @@ def test_shapes_are_qwen2_0_5b(tokenizer_and_model) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert head_dim == 64
     assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 64
-    assert next(model.parameters()).dtype == torch.bfloat16
+    assert cfg.dtype == torch.bfloat16, "the converted weights are stored in bf16"
 
 
 @pytest.mark.real_model

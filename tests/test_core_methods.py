@@ -3,6 +3,8 @@ exact re-arrangements, budgets behave, bad inputs get clear errors."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from workers.compaction.methods import METHOD_NAMES, HeadBlock, make_method
 from workers.compaction.pipeline import (CompactionConfig, CompactionConfigError, compact_context, compact_prepared,
                                          prepare_context)
 from workers.compaction.timing import PhaseTimer
+from workers.models import loading
 from workers.models.loading import UnsupportedModelError, load_model
 
 EVICTION = ("truncate", "h2o", "snapkv", "kvzip")
@@ -169,6 +172,20 @@ def test_unsupported_architecture_and_missing_directory_are_refused(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f", torch.float32),
+                                             ("fpu avx2 avx512f avx512_bf16", torch.bfloat16),
+                                             ("fpu amx_tile amx_bf16", torch.bfloat16)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeypatch, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert loading.cpu_has_native_bf16(cpuinfo) == (expected == torch.bfloat16)
+    reads_this_file = functools.partial(loading.cpu_has_native_bf16, cpuinfo)
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", reads_this_file)
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert loading.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert loading.resolve_dtype("float32", torch.device("cuda")) == torch.float32
 
 
 def test_messages_and_tool_outputs_compact_only_their_content():

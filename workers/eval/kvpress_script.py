@@ -23,15 +23,14 @@ from workers.eval.prompts import context_message, question_prompt
 from workers.eval.resultcache import ResultStore
 from workers.eval.scoring import is_correct
 
-DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class Session:
     """One model and tokenizer; prefill with or without a press, then answer from copies of the cache."""
 
     def __init__(self, model_dir: str, dtype: str, device: str) -> None:
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation="sdpa")
         self.model.to(self.device).eval()
@@ -145,8 +144,8 @@ def main() -> int:
     parser.add_argument("--full-method", required=True, help="method name of the uncompressed reference run")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-questions-per-doc", type=int, default=None)
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", required=True, choices=sorted(DTYPES))
+    parser.add_argument("--device", required=True, help="cpu | cuda (the harness resolves auto)")
     args = parser.parse_args()
     transformers_logging.disable_progress_bar()  # one weight-loading bar per parameter would flood the eval's output
     session = Session(args.model_dir, args.dtype, args.device)

@@ -75,13 +75,18 @@ def model_directory(source: str) -> Path:
 def run_kvpress(plan: EvalPlan, source: str, store: ResultStore, dtype: str = "auto",
                 device: str = "auto") -> list[dict]:
     """Run every press at every ratio of the plan (records already in `store` are skipped); return their records."""
+    from workers.models.loading import DTYPES, resolve_device, resolve_dtype
+
+    # The side script gets the dtype this harness would pick (auto is fp32 on CPUs without bf16 hardware).
+    target = resolve_device(device)
+    dtype = next(name for name, value in DTYPES.items() if value == resolve_dtype(dtype, target))
     python = ensure_venv()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     ratios = [str(r) for r in plan.keep_ratios]
     for dataset in plan.datasets:
         command = [str(python), str(SCRIPT), "--dataset", str(dataset), "--model-dir", str(model_directory(source)),
                    "--out", str(store.out_dir), "--label", store.label, "--keep-ratios", *ratios,
-                   "--dtype", dtype, "--device", device, "--full-method", FULL_METHOD,
+                   "--dtype", dtype, "--device", target.type, "--full-method", FULL_METHOD,
                    "--presses", *(f"{m}={c}" for m, c in PRESSES.items())]
         if plan.limit is not None:
             command += ["--limit", str(plan.limit)]
