@@ -17,7 +17,9 @@ MC_MAX_NEW_TOKENS = 4
 # 36-character UUID, so a flat 24 cut every UUID answer short).
 NIAH_MIN_TOKENS_PER_VALUE = 24
 NIAH_TOKENS_BEYOND_VALUE = 12
-KV_MAX_NEW_TOKENS = 48
+# A key-value answer often restates the key first ('The value corresponding to the key "<uuid>" ... is "<uuid>"'):
+# two UUIDs of ~30 tokens each plus the words around them. 48 cut the bundled model's answers before the value.
+KV_MAX_NEW_TOKENS = 96
 QA_MAX_NEW_TOKENS = 32
 
 SUMMARY_PROMPT = (
