@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from workers.eval.report import PLOTS, RESULTS_JSON, RESULTS_MD, aggregate, write_report
+from workers.eval.report import PLOTS, RESULTS_JSON, RESULTS_MD, aggregate, ratio_matrix, write_report
 from workers.eval.resultcache import ResultStore
 
 
@@ -47,6 +47,14 @@ def test_write_report(tmp_path):
     for name in PLOTS:
         png = tmp_path / f"{name}_set.png"
         assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratio_matrix_puts_every_method_of_one_budget_in_one_column():
+    matrix = ratio_matrix(aggregate(RECORDS)).splitlines()
+    assert matrix[2] == "| method | keep 0.1 | keep 0.02 |"
+    assert "| full | 3/4, 0.200 | 3/4, 0.200 |" in matrix  # ratio-free rows repeat across the columns
+    assert "| none | 0/4, 3.000 | 0/4, 3.000 |" in matrix
+    assert "| am | 3/4, 1.500 | 1/4, 3.000 |" in matrix
 
 
 def test_result_store_round_trip_and_question_count(tmp_path):

@@ -75,6 +75,27 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_matrix(rows: list[dict]) -> str:
+    """Per dataset, methods x keep ratios, each cell `correct/questions, log-ppl`: every method at one budget reads
+    down a column, which the long table spreads over many lines."""
+    lines: list[str] = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        ratios = sorted({r["keep_ratio"] for r in subset if r["method"] not in RATIO_FREE}, reverse=True)
+        lines += [f"### {dataset}: correct/questions, log-ppl", "",
+                  "| method | " + " | ".join(f"keep {ratio:g}" for ratio in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for method, points in _by_method(subset).items():
+            by_ratio = {p["keep_ratio"]: p for p in points}
+            fixed = points[0] if method in RATIO_FREE else None  # full / none: the same cell at every ratio
+            cells = [fixed or by_ratio.get(ratio) for ratio in ratios]
+            lines.append(f"| {method} | " + " | ".join(
+                "" if cell is None else f"{cell['n_correct']}/{cell['n_questions']}, {_fmt(cell['log_ppl'], '.3f')}"
+                for cell in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _by_method(rows: list[dict]) -> dict[str, list[dict]]:
     methods: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -139,7 +160,7 @@ def write_report(rows: list[dict], out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / RESULTS_JSON, out / RESULTS_MD]
     written[0].write_text(json.dumps(rows, indent=1))
-    written[1].write_text(markdown_table(rows))
+    written[1].write_text(markdown_table(rows) + "\n" + ratio_matrix(rows))
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         subset = [r for r in rows if r["dataset"] == dataset]
         model = subset[0].get("model") or ""
