@@ -106,6 +106,16 @@ def test_batched_over_heads_equals_one_head_at_a_time(method):
         assert not batched.active[h, kept:].any()
 
 
+def test_one_head_at_a_time_cholesky_solve_equals_the_batched_one():
+    """The CUDA path for large blocks (solvers.BATCHED_SOLVE_MAX_KEYS) is the same solve, head by head."""
+    features = torch.rand(3, 40, 24, dtype=torch.float64)
+    factor = torch.linalg.cholesky(features.mT @ features + 1e-3 * torch.eye(24, dtype=torch.float64))
+    rhs = torch.rand(3, 24, 1, dtype=torch.float64)
+    batched = solvers.cholesky_solve_heads(rhs, factor, one_head_at_a_time=False)
+    assert torch.allclose(solvers.cholesky_solve_heads(rhs, factor, one_head_at_a_time=True), batched)
+    assert torch.allclose(factor @ factor.mT @ batched, rhs)
+
+
 def test_nnls_respects_bounds_and_recovers_exact_weights():
     generator = torch.Generator().manual_seed(1)
     features = torch.rand(2, 300, 6, generator=generator)

@@ -87,12 +87,25 @@ def _spectral_norm_sq(gram: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     return (vector.transpose(1, 2) @ gram @ vector).reshape(-1).clamp_min(RIDGE_FLOOR)
 
 
+# Largest kept-key count per head that batched cholesky_solve is known to handle on CUDA: a sweep on the H200 (torch
+# 2.11, CUDA 13; heads 1-48, t up to 4096) passed, while a (2, ~6100, ~6100) float64 block (an 8k-token key-value
+# document, one head at its 0.75 cap) failed with "CUDA error: invalid argument". Larger blocks go one head at a time.
+BATCHED_SOLVE_MAX_KEYS = 4096
+
+
+def cholesky_solve_heads(rhs: torch.Tensor, factor: torch.Tensor, one_head_at_a_time: bool) -> torch.Tensor:
+    """torch.cholesky_solve over a (H, t, t) batch, optionally as H single-matrix solves (same result)."""
+    if not one_head_at_a_time:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.cat([torch.cholesky_solve(rhs[head:head + 1], factor[head:head + 1]) for head in range(len(factor))])
+
+
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
     """(gram + ridge I) x = rhs for each head; Cholesky, with a least-squares fallback for any failed head."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     system = gram + ridge[:, None, None] * eye
     factor, info = torch.linalg.cholesky_ex(system)
-    solution = torch.cholesky_solve(rhs, factor)
+    solution = cholesky_solve_heads(rhs, factor, gram.is_cuda and gram.shape[-1] > BATCHED_SOLVE_MAX_KEYS)
     failed = info != 0
     if bool(failed.any()):
         solution[failed] = torch.linalg.lstsq(system[failed].cpu(), rhs[failed].cpu()).solution.to(solution)
