@@ -59,6 +59,11 @@ def _parse_shard(text: str) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def store_label(model: str, over_http: bool) -> str:
+    """The ResultStore label a run's records are filed under: the in-process model source, or `http-<served id>`."""
+    return f"http-{model}" if over_http else model
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `kvcompact --help` imports every sub-command module and must stay fast.
     from workers.compaction.pipeline import CompactionConfig
@@ -81,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         from workers.eval.runner import cached_records
 
-        label = f"http-{args.model}" if args.endpoint else args.model or "bundled"
-        store = ResultStore(args.out, label)
+        store = ResultStore(args.out, store_label(args.model or "bundled", bool(args.endpoint)))
         records, missing = cached_records(plan, store)
         if args.with_kvpress:
             from workers.eval.kvpress_side import collect
@@ -103,12 +107,13 @@ def run(args: argparse.Namespace) -> int:
         except EndpointError as exc:
             print(f"kvcompact eval: {exc}", file=sys.stderr)
             return 2
-        label = f"http-{backend.model}"
+        label = store_label(backend.model, over_http=True)
     else:
         from workers.models.loading import load_model
 
         source = args.model or "bundled"
-        backend, label = InProcessBackend(load_model(source, dtype=args.dtype, device=args.device)), source
+        backend = InProcessBackend(load_model(source, dtype=args.dtype, device=args.device))
+        label = store_label(source, over_http=False)
     store = ResultStore(args.out, label)
     records = run_eval(backend, plan, store)
     if args.with_kvpress:

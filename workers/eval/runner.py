@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from tqdm import tqdm
 
@@ -108,23 +108,30 @@ class _DocumentEval:
                 "compaction_seconds": context.seconds, "phase_seconds": context.phase_seconds, "questions": rows}
 
 
+def _plan_units(plan: EvalPlan) -> Iterator[tuple[str, Document, tuple[Question, ...], MethodSpec, float]]:
+    """Every (dataset name, document, its questions, method, ratio) unit of the plan, documents in order."""
+    for name, documents in plan.corpora():
+        for document in documents:
+            questions = document.questions[: plan.max_questions]
+            for spec, ratio in plan.units():
+                yield name, document, questions, spec, ratio
+
+
 def run_eval(backend: Backend, plan: EvalPlan, store: ResultStore) -> list[dict]:
     """Run (or reuse) every unit of the plan; returns all records, cached ones included."""
-    corpora = plan.corpora()
-    total = sum(len(docs) * len(plan.units()) for _, docs in corpora)
+    units = list(_plan_units(plan))
     records: list[dict] = []
-    with tqdm(total=total, desc="eval", unit="run") as bar:
-        for name, documents in corpora:
-            for document in documents:
-                questions = document.questions[: plan.max_questions]
-                doc_eval = _DocumentEval(backend, document, questions)
-                for spec, ratio in plan.units():
-                    bar.set_postfix_str(f"{name}/{document.id} {spec.name}@{ratio:g}")
-                    record = store.load(name, document.id, spec.name, ratio, len(questions))
-                    if record is None:
-                        record = store.save({"dataset": name, **doc_eval.evaluate(spec, ratio)})
-                    records.append(record)
-                    bar.update(1)
+    doc_eval: _DocumentEval | None = None
+    with tqdm(total=len(units), desc="eval", unit="run") as bar:
+        for name, document, questions, spec, ratio in units:
+            bar.set_postfix_str(f"{name}/{document.id} {spec.name}@{ratio:g}")
+            record = store.load(name, document.id, spec.name, ratio, len(questions))
+            if record is None:
+                if doc_eval is None or doc_eval.document is not document:
+                    doc_eval = _DocumentEval(backend, document, questions)
+                record = store.save({"dataset": name, **doc_eval.evaluate(spec, ratio)})
+            records.append(record)
+            bar.update(1)
     return records
 
 
@@ -132,13 +139,10 @@ def cached_records(plan: EvalPlan, store: ResultStore) -> tuple[list[dict], int]
     """The plan's records already in the store, and how many units are missing: a report without the model, e.g.
     after several `--shard` processes filled one cache."""
     records, missing = [], 0
-    for name, documents in plan.corpora():
-        for document in documents:
-            questions = len(document.questions[: plan.max_questions])
-            for spec, ratio in plan.units():
-                record = store.load(name, document.id, spec.name, ratio, questions)
-                if record is None:
-                    missing += 1
-                else:
-                    records.append(record)
+    for name, document, questions, spec, ratio in _plan_units(plan):
+        record = store.load(name, document.id, spec.name, ratio, len(questions))
+        if record is None:
+            missing += 1
+        else:
+            records.append(record)
     return records, missing
