@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("--full-method", required=True, help="method name of the uncompressed reference run")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-questions-per-doc", type=int, default=None)
+    parser.add_argument("--shard", default="0/1", help="I/N: documents I, I+N, ... of the first --limit (as the eval)")
     parser.add_argument("--dtype", required=True, choices=sorted(DTYPES))
     parser.add_argument("--device", required=True, help="cpu | cuda (the harness resolves auto)")
     args = parser.parse_args()
@@ -155,7 +156,8 @@ def main() -> int:
         method, _, class_name = pair.partition("=")
         units += [(method, r, getattr(kvpress, class_name)(compression_ratio=1.0 - r)) for r in args.keep_ratios]
     dataset = dataset_name(args.dataset)
-    documents = load_dataset(args.dataset, args.limit)
+    index, count = (int(part) for part in args.shard.split("/"))
+    documents = load_dataset(args.dataset, args.limit)[index::count]
     for number, document in enumerate(documents, start=1):
         print(f"kvpress {dataset} {number}/{len(documents)} {document.id}", flush=True)
         evaluate_document(session, document, args.max_questions_per_doc, units, store, dataset)

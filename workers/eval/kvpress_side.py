@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workers.eval.datasets import dataset_name, load_dataset
 from workers.eval.resultcache import ResultStore
 from workers.eval.runner import EvalPlan
 
@@ -90,6 +89,7 @@ def run_kvpress(plan: EvalPlan, source: str, store: ResultStore, dtype: str = "a
                    "--presses", *(f"{m}={c}" for m, c in PRESSES.items())]
         if plan.limit is not None:
             command += ["--limit", str(plan.limit)]
+        command += ["--shard", "/".join(map(str, plan.shard))]
         if plan.max_questions is not None:
             command += ["--max-questions-per-doc", str(plan.max_questions)]
         if subprocess.run(command, env=env).returncode != 0:
@@ -101,9 +101,8 @@ def collect(plan: EvalPlan, store: ResultStore, require_all: bool = True) -> lis
     """The kvpress records of the plan's documents, read back from the store (`require_all`: a missing one is an
     error; otherwise it is skipped, for reports of partial runs)."""
     records = []
-    for path in plan.datasets:
-        name = dataset_name(path)
-        for document in load_dataset(path, plan.limit):
+    for name, documents in plan.corpora():
+        for document in documents:
             n_questions = len(document.questions[: plan.max_questions])
             units = [(FULL_METHOD, 1.0)] + [(m, r) for m in PRESSES for r in plan.keep_ratios]
             for method, ratio in units:
