@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,8 @@ def test_shapes_are_qwen2_0_5b(tokenizer_and_model) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert head_dim == 64
     assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 64
-    assert cfg.dtype == torch.bfloat16, "the converted weights are stored in bf16"
+    stored = json.loads((bundled.bundled_model_dir() / "config.json").read_text())
+    assert stored["dtype"] == "bfloat16", "the converted weights are stored in bf16"
 
 
 @pytest.mark.real_model
