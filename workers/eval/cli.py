@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from workers.eval.datasets import parse_shard
 from workers.eval.methods import MethodError, parse_method, validate_methods
 
 DEFAULT_KEEP_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -47,16 +48,9 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--with-kvpress runs in-process only (kvpress loads the model itself)"
     if args.report_only and args.endpoint and not args.model:
         return "--report-only with --endpoint needs --model: the served model names the cached results"
-    if _parse_shard(args.shard) is None:
+    if parse_shard(args.shard) is None:
         return f"--shard must be I/N with 0 <= I < N, got {args.shard!r}"
     return None
-
-
-def _parse_shard(text: str) -> tuple[int, int] | None:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
-        return None
-    return int(index), int(count)
 
 
 def store_label(model: str, over_http: bool) -> str:
@@ -82,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvcompact eval: {error}", file=sys.stderr)
         return 2
     plan = EvalPlan(datasets=tuple(args.dataset), methods=methods, keep_ratios=tuple(args.keep_ratios),
-                    limit=args.limit, max_questions=args.max_questions_per_doc, shard=_parse_shard(args.shard))
+                    limit=args.limit, max_questions=args.max_questions_per_doc, shard=parse_shard(args.shard))
     if args.report_only:
         from workers.eval.runner import cached_records
 

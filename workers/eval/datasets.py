@@ -126,3 +126,11 @@ def load_dataset(path: str | Path, limit: int | None = None) -> list[Document]:
     if not documents:
         raise DatasetError(f"{path}: no documents")
     return documents
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """`I/N` -> (I, N) when 0 <= I < N, else None: the process that takes documents I, I+N, I+2N, ... of a set."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        return None
+    return int(index), int(count)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as transformers_logging
 
-from workers.eval.datasets import Document, dataset_name, load_dataset
+from workers.eval.datasets import Document, dataset_name, load_dataset, parse_shard
 from workers.eval.prompts import context_message, question_prompt
 from workers.eval.resultcache import ResultStore
 from workers.eval.scoring import is_correct
@@ -148,6 +148,10 @@ def main() -> int:
     parser.add_argument("--dtype", required=True, choices=sorted(DTYPES))
     parser.add_argument("--device", required=True, help="cpu | cuda (the harness resolves auto)")
     args = parser.parse_args()
+    shard = parse_shard(args.shard)
+    if shard is None:
+        parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+    index, count = shard
     transformers_logging.disable_progress_bar()  # one weight-loading bar per parameter would flood the eval's output
     session = Session(args.model_dir, args.dtype, args.device)
     store = ResultStore(args.out, args.label)
@@ -156,7 +160,6 @@ def main() -> int:
         method, _, class_name = pair.partition("=")
         units += [(method, r, getattr(kvpress, class_name)(compression_ratio=1.0 - r)) for r in args.keep_ratios]
     dataset = dataset_name(args.dataset)
-    index, count = (int(part) for part in args.shard.split("/"))
     documents = load_dataset(args.dataset, args.limit)[index::count]
     for number, document in enumerate(documents, start=1):
         print(f"kvpress {dataset} {number}/{len(documents)} {document.id}", flush=True)

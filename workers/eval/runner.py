@@ -86,17 +86,17 @@ class _DocumentEval:
         """One record: build the method's cache, ask every question, score against gold and the full cache."""
         text = context_message(self.document)
         context = build_context(self.backend, spec, text, keep_ratio, self.full, self.summaries)
-        rows = []
+        references = self.references
         if spec.kind == FULL:
-            answers = [reference.answer for reference in self.references]
+            answers = [reference.answer for reference in references]
+            next_tokens = [reference.next_token for reference in references]
         else:
-            answers = self._answers(context, [reference.prompt for reference in self.references])
-        for index, (question, reference, answer) in enumerate(zip(self.questions, self.references, answers)):
+            answers = self._answers(context, [reference.prompt for reference in references])
+            next_tokens = [self.backend.next_token_logprobs(context, reference.prompt.text) for reference in references]
+        rows = []
+        for index, (question, reference, answer, next_token) in enumerate(
+                zip(self.questions, references, answers, next_tokens)):
             prompt = reference.prompt
-            if spec.kind == FULL:
-                next_token = reference.next_token
-            else:
-                next_token = self.backend.next_token_logprobs(context, prompt.text)
             logprob = self.backend.answer_logprob(context, prompt.text, reference.answer)
             kl = None if next_token is None else kl_divergence(reference.next_token, next_token)
             rows.append({"index": index, "prediction": answer.text, "reference": reference.answer.text,
