@@ -94,3 +94,14 @@ def test_shards_fill_one_cache_and_report_only_reads_it(tmp_path, monkeypatch):
     rows = json.loads((out / "results.json").read_text())
     assert {r["method"]: r["n_questions"] for r in rows} == {"full": 4, "truncate": 4}
     assert main(common + ["--shard", "2/2"]) == 2
+
+
+def test_kvpress_python_is_checked_before_any_model_loads(tmp_path, capsys):
+    """`--kvpress-python` (an interpreter that already has kvpress) needs `--with-kvpress` and an existing file."""
+    dataset = tmp_path / "one.jsonl"
+    dataset.write_text(json.dumps(DOCUMENT) + "\n")
+    common = ["eval", "--dataset", str(dataset), "--methods", "full", "--out", str(tmp_path / "out")]
+    assert main(common + ["--kvpress-python", str(dataset)]) == 2
+    assert "only applies with --with-kvpress" in capsys.readouterr().err
+    assert main(common + ["--with-kvpress", "--kvpress-python", str(tmp_path / "missing")]) == 2
+    assert "is not a file" in capsys.readouterr().err

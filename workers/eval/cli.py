@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the report from OUT's cached results alone (no model, nothing computed)")
     parser.add_argument("--with-kvpress", action="store_true",
                         help="also run NVIDIA kvpress presses in their own virtual environment (in-process mode only)")
+    parser.add_argument("--kvpress-python", type=Path, default=None,
+                        help="with --with-kvpress: an interpreter that already has kvpress 0.5.5 (and transformers < 5.3) "
+                             "instead of the venv the harness builds (for machines without a package index)")
 
 
 def _validate(args: argparse.Namespace) -> str | None:
@@ -46,6 +49,10 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--limit and --max-questions-per-doc must be at least 1"
     if args.with_kvpress and args.endpoint:
         return "--with-kvpress runs in-process only (kvpress loads the model itself)"
+    if args.kvpress_python and not args.with_kvpress:
+        return "--kvpress-python only applies with --with-kvpress"
+    if args.kvpress_python and not args.kvpress_python.is_file():
+        return f"--kvpress-python {args.kvpress_python} is not a file"
     if args.report_only and args.endpoint and not args.model:
         return "--report-only with --endpoint needs --model: the served model names the cached results"
     if parse_shard(args.shard) is None:
@@ -113,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.with_kvpress:
         from workers.eval.kvpress_side import run_kvpress
 
-        records += run_kvpress(plan, args.model or "bundled", store, dtype=args.dtype, device=args.device)
+        records += run_kvpress(plan, args.model or "bundled", store, dtype=args.dtype, device=args.device,
+                               python=args.kvpress_python)
     written = write_report(aggregate(records), args.out)
     print("\n".join(str(path) for path in written))
     return 0

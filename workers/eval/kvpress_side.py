@@ -72,14 +72,17 @@ def model_directory(source: str) -> Path:
 
 
 def run_kvpress(plan: EvalPlan, source: str, store: ResultStore, dtype: str = "auto",
-                device: str = "auto") -> list[dict]:
-    """Run every press at every ratio of the plan (records already in `store` are skipped); return their records."""
+                device: str = "auto", python: Path | None = None) -> list[dict]:
+    """Run every press at every ratio of the plan (records already in `store` are skipped); return their records.
+
+    `python`: an interpreter that already imports kvpress (a machine without network cannot build the side venv);
+    None builds or reuses `.cache/kvpress-venv`."""
     from workers.models.loading import DTYPES, resolve_device, resolve_dtype
 
     # The side script gets the dtype this harness would pick (auto is fp32 on CPUs without bf16 hardware).
     target = resolve_device(device)
     dtype = next(name for name, value in DTYPES.items() if value == resolve_dtype(dtype, target))
-    python = ensure_venv()
+    python = python or ensure_venv()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     ratios = [str(r) for r in plan.keep_ratios]
     for dataset in plan.datasets:
