@@ -45,6 +45,9 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     assert by_method["full"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert by_method["am"]["retained_slots"] < by_method["full"]["retained_slots"]
     assert by_method["am"]["bytes"] < by_method["full"]["bytes"]
+    # In memory every head of a layer is as long as the layer's longest: never fewer slots than the real ones.
+    assert by_method["full"]["padded_slots"] == by_method["full"]["retained_slots"]
+    assert by_method["am"]["retained_slots"] <= by_method["am"]["padded_slots"] <= by_method["full"]["padded_slots"]
     assert by_method["am"]["compaction_seconds"] > 0
     assert by_method["summary+am"]["phase_seconds"]["summarize"] > 0
     assert by_method["summary+am"]["retained_slots"] <= by_method["am"]["retained_slots"]

@@ -49,3 +49,9 @@ class CompactedKV:
     def retained_slots(self) -> int:
         """Real (non-padding) slots summed over layers and KV heads."""
         return int(sum(int(layer.lengths.sum()) for layer in self.layers))
+
+    def padded_slots(self) -> int:
+        """Slots the in-memory cache occupies: every head of a layer padded to the layer's longest head. A head
+        that keeps most of its keys makes the whole layer that long, so this is what GPU memory pays (the blob
+        stores only the real slots)."""
+        return int(sum(layer.keys.shape[0] * layer.keys.shape[1] for layer in self.layers))

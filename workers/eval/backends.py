@@ -37,6 +37,7 @@ class BuiltContext:
     input_tokens: int
     phase_seconds: dict[str, float] = field(default_factory=dict)
     retained_slots: int | None = None
+    padded_slots: int | None = None
     bytes: int | None = None
 
     def with_phase(self, phase: str, seconds: float) -> BuiltContext:
@@ -126,7 +127,8 @@ class InProcessBackend:
 
     def _built(self, kv: CompactedKV, seconds: float, input_tokens: int, phases: dict[str, float]) -> BuiltContext:
         return BuiltContext(handle=kv, seconds=seconds, input_tokens=input_tokens, phase_seconds=phases,
-                            retained_slots=kv.retained_slots(), bytes=cache_bytes(kv))
+                            retained_slots=kv.retained_slots(), padded_slots=kv.padded_slots(),
+                            bytes=cache_bytes(kv))
 
     def full(self, text: str) -> BuiltContext:
         start = time.perf_counter()

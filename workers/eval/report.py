@@ -47,6 +47,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "phase_seconds": {p: _mean([(r.get("phase_seconds") or {}).get(p) for r in group]) for p in phases},
             "input_tokens": _mean([r.get("input_tokens") for r in group]),
             "retained_slots": _mean([r.get("retained_slots") for r in group]),
+            "padded_slots": _mean([r.get("padded_slots") for r in group]),
             "bytes": _mean([r.get("bytes") for r in group]),
         })
     return rows
@@ -61,8 +62,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines: list[str] = []
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         lines += [f"### {dataset}", "",
-                  "| method | keep | questions | accuracy (95% CI) | log-ppl | KL | compaction s | slots | bytes |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | keep | questions | accuracy (95% CI) | log-ppl | KL | compaction s | slots | "
+                  "padded slots | bytes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["dataset"] == dataset):
             accuracy = "n/a" if row["accuracy"] is None else \
                 f"{row['accuracy']:.3f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
@@ -70,7 +72,8 @@ def markdown_table(rows: list[dict]) -> str:
                 f"| {row['method']} | {row['keep_ratio']:g} | {row['n_questions']} | {accuracy} | "
                 f"{_fmt(row['log_ppl'], '.3f')} | {_fmt(row['kl'], '.3f')} | "
                 f"{_fmt(row['compaction_seconds'], '.2f')} | "
-                f"{_fmt(row['retained_slots'], '.0f')} | {_fmt(row['bytes'], '.0f')} |")
+                f"{_fmt(row['retained_slots'], '.0f')} | {_fmt(row['padded_slots'], '.0f')} | "
+                f"{_fmt(row['bytes'], '.0f')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -104,7 +104,8 @@ class _DocumentEval:
                          "log_ppl": None if logprob is None else -logprob, "kl": kl})
         return {"doc_id": self.document.id, "method": spec.name, "keep_ratio": keep_ratio,
                 "input_tokens": self.full.input_tokens,  # the document's, whatever the method compacted
-                "retained_slots": context.retained_slots, "bytes": context.bytes,
+                "retained_slots": context.retained_slots, "padded_slots": context.padded_slots,
+                "bytes": context.bytes,
                 "compaction_seconds": context.seconds, "phase_seconds": context.phase_seconds, "questions": rows}
 
 
