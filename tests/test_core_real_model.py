@@ -33,9 +33,9 @@ def shortest_quality_document() -> dict:
 
 
 def first_half(text: str) -> str:
-    """The story up to the first paragraph break past its middle (~1.5k tokens): the test compares the compacted
-    cache with the full cache of the same text, so half a story serves, and it halves the CPU time of CI's slowest
-    test (the repeat pass and the 17 questions' forwards scale with the context)."""
+    """The story up to the first line break past its middle (about half its ~2.9k tokens): the test compares the
+    compacted cache with the full cache of the same text, so half a story serves, and CI's slowest test costs less
+    CPU (the repeat pass and the 17 questions' forwards scale with the context)."""
     cut = text.find("\n", len(text) // 2)
     return text if cut < 0 else text[:cut]
 
