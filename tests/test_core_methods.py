@@ -73,6 +73,18 @@ def test_global_budget_is_ragged_and_respects_floor_and_cap(prepared_llama):
     assert min(flat) >= floor and max(flat) <= cap
 
 
+def test_uniform_floor_trades_the_global_budget_for_the_uniform_one(prepared_llama):
+    _, prepared = prepared_llama
+    share = int(0.2 * prepared.span.numel())
+    spreads = {}
+    for uniform_floor in (0.0, 0.9, 1.0):
+        flat = [b for layer in run(prepared_llama, "am", uniform_floor=uniform_floor).budgets for b in layer]
+        assert min(flat) >= int(uniform_floor * share)
+        spreads[uniform_floor] = max(flat) - min(flat)
+    # The pure global budget is the most ragged; a full uniform floor leaves only the rounding remainder to hand out.
+    assert spreads[0.0] > spreads[0.9] > spreads[1.0]
+
+
 def test_one_chunk_equals_unchunked_and_chunks_bound_the_solve(prepared_llama):
     _, prepared = prepared_llama
     whole = run(prepared_llama, "am")
@@ -163,6 +175,7 @@ def test_profile_budgets_follow_proportions_within_limits():
     (CompactionConfig(query_sources=("telepathy",)), "query_sources"),
     (CompactionConfig(keep_ratio=0.1, target_tokens=5), "not both"),
     (CompactionConfig(keep_ratio=0.1, max_ratio_per_head=0), "max_ratio_per_head"),
+    (CompactionConfig(keep_ratio=0.1, uniform_floor=1.5), "uniform_floor"),
 ])
 def test_bad_budgets_and_options_get_clear_errors(config, message):
     with pytest.raises(CompactionConfigError, match=message):

@@ -14,10 +14,13 @@ import math
 import torch
 
 
-def per_head_limits(block_length: int, keep_ratio: float, max_ratio_per_head: float, min_slots: int) -> tuple[int, int]:
-    """(floor, cap) of slots for one head of a block: every head keeps a few keys; none keeps more than its cap."""
+def per_head_limits(block_length: int, keep_ratio: float, max_ratio_per_head: float, min_slots: int,
+                    uniform_floor: float = 0.0) -> tuple[int, int]:
+    """(floor, cap) of slots for one head of a block: every head keeps a few keys, or `uniform_floor` of its uniform
+    share (keep_ratio x block) when that is more; none keeps more than its cap."""
     cap = min(block_length, max(math.ceil(max_ratio_per_head * block_length), math.ceil(keep_ratio * block_length)))
-    floor = max(1, min(min_slots, math.floor(keep_ratio * block_length), cap))
+    share = math.floor(keep_ratio * block_length)
+    floor = max(1, min(max(min_slots, math.floor(uniform_floor * share)), share, cap))
     return floor, cap
 
 

@@ -56,6 +56,10 @@ class CompactionConfig:
     # cut; KVzip's global top-k has no cap either. The price is memory padding (`CompactedKV.padded_slots`).
     max_ratio_per_head: float = 1.0
     min_slots_per_head: int = 4
+    # Fraction of its uniform share (keep_ratio x span) every head keeps before the global top-k hands out the rest:
+    # 0 is the pure global budget, 1 the uniform one. The global budget wins on needles, H2O's uniform one on
+    # QuALITY's story questions (docs/quality.md); values between trade the two.
+    uniform_floor: float = 0.0
     on_policy: bool = False
     self_study_tokens: int = 128
     # Relative to sigma_max(X)^2 and pulling towards the original values: on RULER needle documents 0.1 gave lower
@@ -93,6 +97,8 @@ class CompactionConfig:
             raise CompactionConfigError("value_prior must be original or zero")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
+        if not 0 <= self.uniform_floor <= 1:
+            raise CompactionConfigError(f"uniform_floor must be in [0, 1], got {self.uniform_floor}")
         if not 0 < self.max_ratio_per_head <= 1:
             raise CompactionConfigError(f"max_ratio_per_head must be in (0, 1], got {self.max_ratio_per_head}")
 
@@ -270,7 +276,8 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: sl
     heads = _num_kv_heads(lm)
     length = chunk.stop - chunk.start
     total = max(heads * len(layers), round(keep_ratio * length * heads * len(layers)))
-    floor, cap = budget_rules.per_head_limits(length, keep_ratio, config.max_ratio_per_head, config.min_slots_per_head)
+    floor, cap = budget_rules.per_head_limits(length, keep_ratio, config.max_ratio_per_head, config.min_slots_per_head,
+                                              config.uniform_floor)
     if mode == "uniform":
         flat = budget_rules.uniform_budgets(heads * len(layers), length, total)
     elif mode == "profile":
