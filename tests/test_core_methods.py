@@ -11,7 +11,7 @@ import torch
 from tests.core_helpers import DOCUMENT, tiny
 from workers.compaction import budgets, solvers
 from workers.compaction.context import ContextError
-from workers.compaction.methods import METHOD_NAMES, HeadBlock, make_method
+from workers.compaction.methods import METHOD_NAMES, HeadBlock, fit_block, keep_whole_heads, make_method
 from workers.compaction.pipeline import (CompactionConfig, CompactionConfigError, compact_context, compact_prepared,
                                          prepare_context)
 from workers.compaction.timing import PhaseTimer
@@ -126,6 +126,40 @@ def test_one_head_at_a_time_cholesky_solve_equals_the_batched_one():
     batched = solvers.cholesky_solve_heads(rhs, factor, one_head_at_a_time=False)
     assert torch.allclose(solvers.cholesky_solve_heads(rhs, factor, one_head_at_a_time=True), batched)
     assert torch.allclose(factor @ factor.mT @ batched, rhs)
+
+
+def test_a_failed_factorisation_is_retried_with_a_larger_ridge_then_by_least_squares():
+    """Head 0 is positive definite; head 1 only becomes so at the first larger ridge; head 2 never does (CPU
+    least squares). Each must come back as the solution of the system it was finally solved with."""
+    eye = torch.eye(4, dtype=torch.float64)
+    gram = torch.stack([2 * eye, -eye, -1e9 * eye])
+    rhs = torch.rand(3, 4, 1, dtype=torch.float64)
+    solution = solvers._solve_spd(gram, rhs, torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(solution[0], rhs[0] / 3)
+    assert torch.allclose(solution[1], rhs[1] / (solvers.RIDGE_GROWTH - 1))
+    assert torch.allclose(solution[2], rhs[2] / (1 - 1e9))
+
+
+@pytest.mark.parametrize("method", ["am", "am-omp-fast", "kvzip"])
+def test_heads_that_keep_their_whole_block_are_kept_exactly_and_the_rest_fitted_as_before(method):
+    generator = torch.Generator().manual_seed(2)
+    heads, length, dim = 3, 40, 16
+    block = HeadBlock(keys=torch.randn(heads, length, dim, generator=generator),
+                      values=torch.randn(heads, length, dim, generator=generator),
+                      queries=torch.randn(heads, 120, dim, generator=generator), scaling=dim ** -0.5,
+                      positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
+    head_budgets = torch.tensor([6, length, 11])
+    chosen = make_method(method)
+    fit = fit_block(chosen, block, head_budgets, PhaseTimer())
+    reference = keep_whole_heads(block, chosen.fit(block, head_budgets, PhaseTimer()), head_budgets)
+    assert fit.active.sum(dim=1).tolist() == head_budgets.tolist()
+    assert torch.equal(fit.keys[1, :length], block.keys[1]) and torch.equal(fit.values[1, :length], block.values[1])
+    assert torch.equal(fit.beta[1, :length], torch.zeros(length))
+    for head in (0, 2):
+        kept = int(head_budgets[head])
+        assert torch.equal(fit.indices[head, :kept], reference.indices[head, :kept])
+        assert torch.allclose(fit.beta[head, :kept], reference.beta[head, :kept], atol=1e-4)
+        assert torch.allclose(fit.values[head, :kept], reference.values[head, :kept], atol=1e-3)
 
 
 def test_nnls_respects_bounds_and_recovers_exact_weights():

@@ -84,6 +84,14 @@ def keep_whole_heads(block: HeadBlock, fit: BlockFit, budgets: torch.Tensor) -> 
                     values=torch.where(pick[..., None], original.values, values))
 
 
+def fit_block(method: "CompactionMethod", block: HeadBlock, budgets: torch.Tensor, timer: PhaseTimer) -> BlockFit:
+    """`method`'s fit of the heads that are compacted; a head whose budget covers the block keeps it exactly
+    (keep_whole_heads) and is not solved for: its solve would be the largest of the block (all T keys) and the most
+    singular, only to be thrown away."""
+    whole = budgets >= block.keys.shape[1]
+    return keep_whole_heads(block, method.fit(block, torch.where(whole, 1, budgets), timer), budgets)
+
+
 class CompactionMethod(ABC):
     name: ClassVar[str]
     default_budget: ClassVar[str] = "uniform"

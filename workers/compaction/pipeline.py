@@ -21,7 +21,7 @@ from workers.compaction import solvers
 from workers.compaction.cache import CompactedCache
 from workers.compaction.context import RenderedContext, render_context
 from workers.compaction.forward import chunked_forward
-from workers.compaction.methods import METHOD_NAMES, BlockFit, FitSettings, HeadBlock, keep_whole_heads, make_method
+from workers.compaction.methods import METHOD_NAMES, BlockFit, FitSettings, HeadBlock, fit_block, make_method
 from workers.compaction.queries import KeyImportance, QueryRecorder, attention_modules
 from workers.compaction.reconstruction import ReconstructionMeter
 from workers.compaction.reference import (QUERY_SOURCES, ReferenceQueries, capture_passes, context_positions,
@@ -360,7 +360,7 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
         fits = []
         for chunk, budgets in zip(chunks, chunk_budgets):
             block = _block(lm, prepared, layer, chunk, queries, with_scores=needs_context_scores)
-            fit = keep_whole_heads(block, method.fit(block, budgets[layer], timer), budgets[layer])
+            fit = fit_block(method, block, budgets[layer], timer)
             fits.append(fit)
             if heldout.shape[1]:
                 meter.add_block(layer, heldout.to(block.keys.device), block, fit)

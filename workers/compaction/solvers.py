@@ -100,15 +100,32 @@ def cholesky_solve_heads(rhs: torch.Tensor, factor: torch.Tensor, one_head_at_a_
     return torch.cat([torch.cholesky_solve(rhs[head:head + 1], factor[head:head + 1]) for head in range(len(factor))])
 
 
+# A head whose (gram + ridge I) is not positive definite in floating point is retried with the ridge this many times
+# larger, up to RIDGE_RETRIES times, on the same device, before the CPU least-squares fallback. That fallback costs
+# minutes per head at several thousand kept keys (an 8k-token block at keep 0.5 without the per-head cap: one
+# eval unit did not finish in 20 minutes on the H200, docs/quality.md).
+RIDGE_GROWTH = 1e3
+RIDGE_RETRIES = 2
+
+
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
-    """(gram + ridge I) x = rhs for each head; Cholesky, with a least-squares fallback for any failed head."""
+    """(gram + ridge I) x = rhs for each head by Cholesky; a head whose factorisation fails is retried with a larger
+    ridge, and only if that fails too solved by least squares on the CPU."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    system = gram + ridge[:, None, None] * eye
-    factor, info = torch.linalg.cholesky_ex(system)
-    solution = cholesky_solve_heads(rhs, factor, gram.is_cuda and gram.shape[-1] > BATCHED_SOLVE_MAX_KEYS)
-    failed = info != 0
-    if bool(failed.any()):
-        solution[failed] = torch.linalg.lstsq(system[failed].cpu(), rhs[failed].cpu()).solution.to(solution)
+    one_at_a_time = gram.is_cuda and gram.shape[-1] > BATCHED_SOLVE_MAX_KEYS
+    solution = torch.zeros_like(rhs)
+    pending = torch.arange(gram.shape[0], device=gram.device)
+    for attempt in range(RIDGE_RETRIES + 1):
+        system = gram[pending] + (ridge[pending] * RIDGE_GROWTH ** attempt)[:, None, None] * eye
+        factor, info = torch.linalg.cholesky_ex(system)
+        solved = info == 0
+        if bool(solved.any()):
+            solution[pending[solved]] = cholesky_solve_heads(rhs[pending[solved]], factor[solved], one_at_a_time)
+        pending = pending[~solved]
+        if pending.numel() == 0:
+            return solution
+    system = gram[pending] + ridge[pending][:, None, None] * eye
+    solution[pending] = torch.linalg.lstsq(system.cpu(), rhs[pending].cpu()).solution.to(solution)
     return solution
 
 
