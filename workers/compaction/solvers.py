@@ -102,8 +102,8 @@ def cholesky_solve_heads(rhs: torch.Tensor, factor: torch.Tensor, one_head_at_a_
 
 # A head whose (gram + ridge I) is not positive definite in floating point is retried with the ridge this many times
 # larger, up to RIDGE_RETRIES times, on the same device, before the CPU least-squares fallback. That fallback costs
-# minutes per head at several thousand kept keys (an 8k-token block at keep 0.5 without the per-head cap: one
-# eval unit did not finish in 20 minutes on the H200, docs/quality.md).
+# minutes per head at several thousand kept keys (an 8k-token block at keep 0.5 without the per-head cap: no
+# attempt of that eval unit finished within its call, the longest 570 s, on the H200; docs/quality.md).
 RIDGE_GROWTH = 1e3
 RIDGE_RETRIES = 2
 
