@@ -5,6 +5,7 @@ import json
 import pytest
 
 from workers.eval.report import PLOTS, RESULTS_JSON, RESULTS_MD, aggregate, ratio_matrix, write_report
+from workers.eval.combine import combined_rows, main
 from workers.eval.resultcache import ResultStore
 
 
@@ -71,3 +72,17 @@ def test_result_store_round_trip_and_question_count(tmp_path):
     odd = store.path("set", "x/y", "am[budget=uniform,query_sources=a+b]", 0.1)
     assert odd.is_file() and odd.parent.parent == store.root / "set"
     assert store.load("set", "x/y", "am[budget=uniform,query_sources=a+b]", 0.1, 2) is not None
+
+
+def test_combine_takes_selected_rows_from_each_run_and_relabels_them(tmp_path):
+    new = [_record("full", 1.0, "d1", [True, True], 0.1), _record("am", 0.1, "d1", [True, True], 0.5)]
+    old = [_record("none", 0.0, "d1", [False, False], 3.0), _record("am", 0.1, "d1", [False, True], 1.5),
+           _record("h2o", 0.1, "d1", [False, False], 2.0)]
+    (tmp_path / "new.json").write_text(json.dumps(aggregate(new)))
+    (tmp_path / "old.json").write_text(json.dumps(aggregate(old)))
+    main([str(tmp_path / "out"), str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:none,am=am[cap]"])
+    rows = json.loads((tmp_path / "out" / RESULTS_JSON).read_text())
+    assert [(r["method"], r["n_correct"]) for r in rows] == [("full", 2), ("am", 2), ("none", 0), ("am[cap]", 1)]
+    assert "| am[cap] | 1/2, 1.500 |" in (tmp_path / "out" / RESULTS_MD).read_text()
+    with pytest.raises(ValueError, match="already taken"):  # the same (dataset, method, ratio) from two runs
+        combined_rows([str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:am"])

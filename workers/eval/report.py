@@ -72,7 +72,7 @@ def markdown_table(rows: list[dict]) -> str:
                 f"| {row['method']} | {row['keep_ratio']:g} | {row['n_questions']} | {accuracy} | "
                 f"{_fmt(row['log_ppl'], '.3f')} | {_fmt(row['kl'], '.3f')} | "
                 f"{_fmt(row['compaction_seconds'], '.2f')} | "
-                f"{_fmt(row['retained_slots'], '.0f')} | {_fmt(row['padded_slots'], '.0f')} | "
+                f"{_fmt(row['retained_slots'], '.0f')} | {_fmt(row.get('padded_slots'), '.0f')} | "
                 f"{_fmt(row['bytes'], '.0f')} |")
         lines.append("")
     return "\n".join(lines)
@@ -108,7 +108,7 @@ def _by_method(rows: list[dict]) -> dict[str, list[dict]]:
 
 def _plot_vs_ratio(rows: list[dict], metric: str, label: str, path: Path, title: str) -> None:
     """Metric against keep ratio (log x); ratio-free methods (full, none) are horizontal reference lines."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for method, points in _by_method(rows).items():
         points = [p for p in points if p[metric] is not None]
         if not points:
@@ -130,11 +130,19 @@ def _plot_vs_ratio(rows: list[dict], metric: str, label: str, path: Path, title:
     _finish(fig, ax, title, path)
 
 
+def _axes():
+    """A figure with room on the right for the legend and 20 distinct colours (a combined report can show a dozen
+    methods and more: the default 10-colour cycle would repeat)."""
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    return fig, ax
+
+
 def _finish(fig, ax, title: str, path: Path) -> None:
     """Shared look of every plot (log x axis set by the caller), then write it."""
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -142,7 +150,7 @@ def _finish(fig, ax, title: str, path: Path) -> None:
 
 def _plot_vs_time(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy against compaction seconds per document; each point is labelled with its keep ratio."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for method, points in _by_method(rows).items():
         points = [p for p in points if p["accuracy"] is not None and p["compaction_seconds"]]
         if not points:
