@@ -11,7 +11,8 @@ import torch
 from tests.core_helpers import DOCUMENT, tiny
 from workers.compaction import budgets, solvers
 from workers.compaction.context import ContextError
-from workers.compaction.methods import METHOD_NAMES, HeadBlock, fit_block, keep_whole_heads, make_method
+from workers.compaction.methods import (METHOD_NAMES, FitSettings, HeadBlock, fit_block, keep_original,
+                                       keep_whole_heads, make_method)
 from workers.compaction.pipeline import (CompactionConfig, CompactionConfigError, compact_context, compact_prepared,
                                          prepare_context)
 from workers.compaction.timing import PhaseTimer
@@ -160,6 +161,32 @@ def test_heads_that_keep_their_whole_block_are_kept_exactly_and_the_rest_fitted_
         assert torch.equal(fit.indices[head, :kept], reference.indices[head, :kept])
         assert torch.allclose(fit.beta[head, :kept], reference.beta[head, :kept], atol=1e-4)
         assert torch.allclose(fit.values[head, :kept], reference.values[head, :kept], atol=1e-3)
+
+
+def test_fit_guard_keeps_per_head_whichever_of_fit_and_eviction_reproduces_the_attention_sum_better():
+    generator = torch.Generator().manual_seed(3)
+    heads, length, dim = 4, 48, 16
+    block = HeadBlock(keys=torch.randn(heads, length, dim, generator=generator),
+                      values=torch.randn(heads, length, dim, generator=generator),
+                      queries=torch.randn(heads, 150, dim, generator=generator), scaling=dim ** -0.5,
+                      positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
+    head_budgets = torch.tensor([3, 12, 40, 46])
+    plain = make_method("am").fit(block, head_budgets, PhaseTimer())
+    guarded = make_method("am", FitSettings(fit_guard=True)).fit(block, head_budgets, PhaseTimer())
+    logits = solvers.attention_logits(block.queries, block.keys, block.scaling)
+    features = solvers.mass_features(logits)
+    targets = features @ block.values
+
+    def error(fit):
+        kept = solvers.gather_columns(features, fit.indices) * fit.active[:, None, :]
+        return solvers.numerator_error(kept, targets, torch.exp(fit.beta), fit.values)
+
+    evicted = keep_original(block, plain.indices, plain.active)
+    assert torch.equal(guarded.indices, plain.indices)
+    assert torch.allclose(error(guarded), torch.minimum(error(plain), error(evicted)))
+    everything = torch.arange(length).expand(heads, -1)
+    assert torch.allclose(error(keep_original(block, everything, torch.ones(heads, length, dtype=torch.bool))),
+                          torch.zeros(heads), atol=1e-6)
 
 
 def test_nnls_respects_bounds_and_recovers_exact_weights():

@@ -51,6 +51,7 @@ class FitSettings:
     value_ridge: float = 0.1
     key_score: str = "max"  # "max": context-normalised max (KVzip's, what global budgets use); "rms": the paper's
     value_prior: str = "original"  # what the value ridge shrinks towards: "original" values or "zero"
+    fit_guard: bool = False  # per head, keep the kept keys' plain eviction (beta 0, original values) where it fits better
 
 
 def keep_original(block: HeadBlock, indices: torch.Tensor, active: torch.Tensor) -> BlockFit:
@@ -200,7 +201,26 @@ class AttentionMatching(CompactionMethod):
                                               prior).to(block.values.dtype)
             else:
                 c_values = solvers.gather_keys(block.values, indices)
-        return BlockFit(indices, active, c_keys, beta, c_values)
+        fit = BlockFit(indices, active, c_keys, beta, c_values)
+        if self.settings.fit_guard:
+            with timer.phase("value_fit"):
+                fit = self.guarded(block, logits, fit)
+        return fit
+
+    @staticmethod
+    def guarded(block: HeadBlock, logits: torch.Tensor, fit: BlockFit) -> BlockFit:
+        """Per head, the fit or the plain eviction of the same keys, whichever reproduces the block's attention sum
+        (`solvers.numerator_error`) better on the reference queries. A head that keeps most of its span is nearly
+        exact as it is, and its fit can only trade that for rounding and ridge error."""
+        features = solvers.mass_features(logits)
+        targets = features @ block.values.float()
+        kept = solvers.gather_columns(features, fit.indices) * fit.active[:, None, :]
+        evicted = keep_original(block, fit.indices, fit.active)
+        fitted_error = solvers.numerator_error(kept, targets, torch.exp(fit.beta), fit.values)
+        evicted_error = solvers.numerator_error(kept, targets, fit.active.float(), evicted.values)
+        pick = (evicted_error < fitted_error)[:, None]
+        return BlockFit(fit.indices, fit.active, fit.keys, torch.where(pick, evicted.beta, fit.beta),
+                        torch.where(pick[..., None], evicted.values, fit.values))
 
 
 class AttentionMatchingOMP(AttentionMatching):

@@ -73,6 +73,9 @@ class CompactionConfig:
     # The value fit's ridge pulls towards the kept keys' original values, so keys the reference queries barely
     # attend to keep their values; "zero" is plain ridge regression.
     value_prior: str = "original"
+    # Per head, fall back to the kept keys' plain eviction where it reproduces the block's attention sum better on the
+    # reference queries (heads that keep most of their span; docs/quality.md "Against the targets").
+    fit_guard: bool = False
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
     seed: int = 0
@@ -337,7 +340,8 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, value_ridge=config.value_ridge,
                                                     nnls_iterations=config.nnls_iterations,
                                                     key_score=config.key_score,
-                                                    value_prior=config.value_prior))
+                                                    value_prior=config.value_prior,
+                                                    fit_guard=config.fit_guard))
     span = prepared.span
     keep_ratio = config.keep_ratio_for(span.numel())
     mode = method.default_budget if config.budget == "auto" else config.budget

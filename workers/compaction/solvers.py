@@ -184,6 +184,18 @@ def fit_values(weights: torch.Tensor, target_outputs: torch.Tensor, ridge: float
     return _solve_spd(gram, rhs, regulariser).float()
 
 
+def numerator_error(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                    c_values: torch.Tensor) -> torch.Tensor:
+    """Per head, || Phi_S diag(w) C_v - Phi V || / || Phi V || over the queries: (H,).
+
+    Phi V (targets, (H, n, d)) is the block's un-normalised attention sum, mass times output, in the row-max-scaled
+    units of `mass_features`; Phi_S (features, (H, n, t)) holds the kept keys' columns. This is what the block adds
+    to any later query's attention next to other tokens, so it scores a mass error and an output error together.
+    """
+    approx = (features * weights[:, None, :]) @ c_values.float()
+    return (approx - targets).flatten(1).norm(dim=1) / targets.flatten(1).norm(dim=1).clamp_min(RIDGE_FLOOR)
+
+
 def log_weights(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """beta = log w on active slots, -inf on padding."""
     beta = torch.log(weights.clamp_min(torch.finfo(torch.float32).tiny))
