@@ -97,14 +97,19 @@ def test_one_chunk_equals_unchunked_and_chunks_bound_the_solve(prepared_llama):
     assert chunked.heldout_rel_error < 1.0
 
 
+def random_block(seed: int, heads: int, length: int, dim: int, queries: int) -> HeadBlock:
+    """A HeadBlock of random keys, values, reference queries and context scores."""
+    generator = torch.Generator().manual_seed(seed)
+    return HeadBlock(keys=torch.randn(heads, length, dim, generator=generator),
+                     values=torch.randn(heads, length, dim, generator=generator),
+                     queries=torch.randn(heads, queries, dim, generator=generator), scaling=dim ** -0.5,
+                     positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
+
+
 @pytest.mark.parametrize("method", ["am", "am-omp-fast", "h2o", "kvzip"])
 def test_batched_over_heads_equals_one_head_at_a_time(method):
-    generator = torch.Generator().manual_seed(0)
-    heads, length, dim, count = 3, 60, 16, 200
-    keys = torch.randn(heads, length, dim, generator=generator)
-    block = HeadBlock(keys=keys, values=torch.randn(heads, length, dim, generator=generator),
-                      queries=torch.randn(heads, count, dim, generator=generator), scaling=dim ** -0.5,
-                      positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
+    heads = 3
+    block = random_block(0, heads, length=60, dim=16, queries=200)
     head_budgets = torch.tensor([5, 12, 9])
     chosen = make_method(method)
     batched = chosen.fit(block, head_budgets, PhaseTimer())
@@ -143,12 +148,8 @@ def test_a_failed_factorisation_is_retried_with_a_larger_ridge_then_by_least_squ
 
 @pytest.mark.parametrize("method", ["am", "am-omp-fast", "kvzip"])
 def test_heads_that_keep_their_whole_block_are_kept_exactly_and_the_rest_fitted_as_before(method):
-    generator = torch.Generator().manual_seed(2)
-    heads, length, dim = 3, 40, 16
-    block = HeadBlock(keys=torch.randn(heads, length, dim, generator=generator),
-                      values=torch.randn(heads, length, dim, generator=generator),
-                      queries=torch.randn(heads, 120, dim, generator=generator), scaling=dim ** -0.5,
-                      positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
+    length = 40
+    block = random_block(2, heads=3, length=length, dim=16, queries=120)
     head_budgets = torch.tensor([6, length, 11])
     chosen = make_method(method)
     fit = fit_block(chosen, block, head_budgets, PhaseTimer())
@@ -164,12 +165,8 @@ def test_heads_that_keep_their_whole_block_are_kept_exactly_and_the_rest_fitted_
 
 
 def test_fit_guard_keeps_per_head_whichever_of_fit_and_eviction_reproduces_the_attention_sum_better():
-    generator = torch.Generator().manual_seed(3)
-    heads, length, dim = 4, 48, 16
-    block = HeadBlock(keys=torch.randn(heads, length, dim, generator=generator),
-                      values=torch.randn(heads, length, dim, generator=generator),
-                      queries=torch.randn(heads, 150, dim, generator=generator), scaling=dim ** -0.5,
-                      positions=torch.arange(length), context_scores=torch.rand(heads, length, generator=generator))
+    heads, length = 4, 48
+    block = random_block(3, heads, length, dim=16, queries=150)
     head_budgets = torch.tensor([3, 12, 40, 46])
     plain = make_method("am").fit(block, head_budgets, PhaseTimer())
     guarded = make_method("am", FitSettings(fit_guard=True)).fit(block, head_budgets, PhaseTimer())
