@@ -103,9 +103,11 @@ def cholesky_solve_heads(rhs: torch.Tensor, factor: torch.Tensor, one_head_at_a_
 # A head whose (gram + ridge I) is not positive definite in floating point is retried with the ridge this many times
 # larger, up to RIDGE_RETRIES times, on the same device, before the CPU least-squares fallback. That fallback costs
 # minutes per head at several thousand kept keys (an 8k-token block at keep 0.5 without the per-head cap: no
-# attempt of that eval unit finished within its call, the longest 570 s, on the H200; docs/quality.md).
+# attempt of that eval unit finished within its call, the longest 570 s, on the H200; docs/quality.md). The mass
+# fit's ridge starts at 1e-9 of the mean diagonal, while float32 rounding in a gram of t ~ 8k strongly correlated
+# columns can reach ~1e-7 t of it, so the retries go up to the mean diagonal itself.
 RIDGE_GROWTH = 1e3
-RIDGE_RETRIES = 2
+RIDGE_RETRIES = 3
 
 
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
