@@ -134,16 +134,27 @@ def test_one_head_at_a_time_cholesky_solve_equals_the_batched_one():
     assert torch.allclose(factor @ factor.mT @ batched, rhs)
 
 
-def test_a_failed_factorisation_is_retried_with_a_larger_ridge_then_by_least_squares():
-    """Head 0 is positive definite; head 1 only becomes so at the first larger ridge; head 2 never does (CPU
-    least squares). Each must come back as the solution of the system it was finally solved with."""
-    eye = torch.eye(4, dtype=torch.float64)
-    gram = torch.stack([2 * eye, -eye, -1e9 * eye])
+def test_a_head_that_is_not_positive_definite_is_retried_with_a_larger_ridge_then_pseudo_solved():
+    """Head 0 is positive definite (Cholesky). Head 1's smallest eigenvalue is -2e-3: with a ridge of 1e-4 it
+    factorises only at the second retry (1e-2). Head 2 has a zero and a slightly negative eigenvalue, as rounding
+    leaves in a large gram, and no ridge: no retry helps, and it gets the pseudo-inverse over its positive
+    directions, the minimum-norm least-squares solution."""
+    basis = torch.linalg.qr(torch.rand(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))).Q
+
+    def with_spectrum(*values):
+        return basis @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ basis.mT
+
+    gram = torch.stack([2 * torch.eye(4, dtype=torch.float64), with_spectrum(3, 2, 1, -2e-3),
+                        with_spectrum(3, 2, 0, -1e-9)])
     rhs = torch.rand(3, 4, 1, dtype=torch.float64)
-    solution = solvers._solve_spd(gram, rhs, torch.ones(3, dtype=torch.float64))
-    assert torch.allclose(solution[0], rhs[0] / 3)
-    assert torch.allclose(solution[1], rhs[1] / (solvers.RIDGE_GROWTH - 1))
-    assert torch.allclose(solution[2], rhs[2] / (1 - 1e9))
+    solution = solvers._solve_spd(gram, rhs, torch.tensor([0.0, 1e-4, 0.0], dtype=torch.float64))
+    assert torch.allclose(solution[0], rhs[0] / 2)
+    retried = 1e-4 * solvers.RIDGE_GROWTH ** 2
+    assert torch.allclose(solution[1], torch.linalg.solve(gram[1] + retried * torch.eye(4, dtype=torch.float64),
+                                                          rhs[1]))
+    assert torch.allclose(solution[2], with_spectrum(1 / 3, 1 / 2, 0, 0) @ rhs[2])
+    assert torch.allclose(solvers.pseudo_solve(gram, rhs, one_head_at_a_time=True),
+                          solvers.pseudo_solve(gram, rhs, one_head_at_a_time=False))
 
 
 @pytest.mark.parametrize("method", ["am", "am-omp-fast", "kvzip"])

@@ -100,19 +100,35 @@ def cholesky_solve_heads(rhs: torch.Tensor, factor: torch.Tensor, one_head_at_a_
     return torch.cat([torch.cholesky_solve(rhs[head:head + 1], factor[head:head + 1]) for head in range(len(factor))])
 
 
-# A head whose (gram + ridge I) is not positive definite in floating point is retried with the ridge this many times
-# larger, up to RIDGE_RETRIES times, on the same device, before the CPU least-squares fallback. That fallback costs
-# minutes per head at several thousand kept keys (an 8k-token block at keep 0.5 without the per-head cap: no
-# attempt of that eval unit finished within its call, the longest 570 s, on the H200; docs/quality.md). The mass
-# fit's ridge starts at 1e-9 of the mean diagonal, while float32 rounding in a gram of t ~ 8k strongly correlated
-# columns can reach ~1e-7 t of it, so the retries go up to the mean diagonal itself.
-RIDGE_GROWTH = 1e3
-RIDGE_RETRIES = 3
+def pseudo_solve(system: torch.Tensor, rhs: torch.Tensor, one_head_at_a_time: bool) -> torch.Tensor:
+    """Minimum-norm least-squares solution of symmetric (H, t, t) systems, by eigendecomposition on their device.
+
+    Directions whose eigenvalue is at most t * eps * the largest one (rounding noise, including the slightly negative
+    eigenvalues that float32 rounding in a gram of thousands of correlated columns produces) are dropped, as a
+    least-squares solver's rank cut-off would drop them. The CPU lstsq this replaces took minutes per head at ~8k
+    kept keys with one thread per process (an 8k-token block at keep 0.5 without the per-head cap: no attempt of that
+    eval unit finished within its call, the longest 570 s, on the H200; docs/quality.md)."""
+    if one_head_at_a_time:
+        return torch.cat([pseudo_solve(system[head:head + 1], rhs[head:head + 1], False)
+                          for head in range(len(system))])
+    eigenvalues, eigenvectors = torch.linalg.eigh(system)
+    cutoff = eigenvalues.amax(dim=-1, keepdim=True).clamp_min(0) * system.shape[-1] * torch.finfo(system.dtype).eps
+    inverse = torch.where(eigenvalues > cutoff, 1 / eigenvalues, torch.zeros_like(eigenvalues))
+    return eigenvectors @ (inverse[..., None] * (eigenvectors.mT @ rhs))
+
+
+# A head whose (gram + ridge I) is not positive definite in floating point is first retried with the ridge this many
+# times larger, up to RIDGE_RETRIES times (Cholesky is cheap), and only then solved by `pseudo_solve`. On a 4,256-token
+# key-value document at keep 0.5 on the CPU every failed head factorised within the retries, with the same held-out
+# error as the least-squares fallback (docs/quality.md).
+RIDGE_GROWTH = 10.0
+RIDGE_RETRIES = 6
 
 
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
-    """(gram + ridge I) x = rhs for each head by Cholesky; a head whose factorisation fails is retried with a larger
-    ridge, and only if that fails too solved by least squares on the CPU."""
+    """(gram + ridge I) x = rhs for each head by Cholesky; a head whose factorisation fails (not positive definite
+    in floating point) is retried with a growing ridge, and if that fails too solved by `pseudo_solve`, all on the
+    same device."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     one_at_a_time = gram.is_cuda and gram.shape[-1] > BATCHED_SOLVE_MAX_KEYS
     solution = torch.zeros_like(rhs)
@@ -127,7 +143,7 @@ def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> to
         if pending.numel() == 0:
             return solution
     system = gram[pending] + ridge[pending][:, None, None] * eye
-    solution[pending] = torch.linalg.lstsq(system.cpu(), rhs[pending].cpu()).solution.to(solution)
+    solution[pending] = pseudo_solve(system, rhs[pending], one_at_a_time)
     return solution
 
 
