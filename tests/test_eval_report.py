@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from workers.eval.report import PLOTS, RESULTS_JSON, RESULTS_MD, aggregate, ratio_matrix, write_report
 from workers.eval.combine import combined_rows, main
+from workers.eval.report import PLOTS, RESULTS_JSON, RESULTS_MD, aggregate, ratio_matrix, write_report
 from workers.eval.resultcache import ResultStore
 
 

@@ -51,7 +51,7 @@ class FitSettings:
     value_ridge: float = 0.1
     key_score: str = "max"  # "max": context-normalised max (KVzip's, what global budgets use); "rms": the paper's
     value_prior: str = "original"  # what the value ridge shrinks towards: "original" values or "zero"
-    fit_guard: bool = False  # per head, keep the kept keys' plain eviction (beta 0, original values) where it fits better
+    fit_guard: bool = False  # per head, the kept keys' plain eviction (beta 0, original values) where it fits better
 
 
 def keep_original(block: HeadBlock, indices: torch.Tensor, active: torch.Tensor) -> BlockFit:

@@ -58,7 +58,8 @@ class CompactionConfig:
     min_slots_per_head: int = 4
     # Fraction of its uniform share (keep_ratio x span) every head keeps before the global top-k hands out the rest:
     # 0 is the pure global budget, 1 the uniform one. The global budget wins on needles, H2O's uniform one on
-    # QuALITY's story questions (docs/quality.md); values between trade the two.
+    # QuALITY's story questions; 0.5 lost half the needles at keep 0.1 and stayed behind H2O on the stories
+    # (docs/quality.md, session 5).
     uniform_floor: float = 0.0
     on_policy: bool = False
     self_study_tokens: int = 128
@@ -74,7 +75,8 @@ class CompactionConfig:
     # attend to keep their values; "zero" is plain ridge regression.
     value_prior: str = "original"
     # Per head, fall back to the kept keys' plain eviction where it reproduces the block's attention sum better on the
-    # reference queries (heads that keep most of their span; docs/quality.md "Against the targets").
+    # reference queries. Off: on two needle documents it raised the log-ppl in all four cells measured
+    # (docs/quality.md).
     fit_guard: bool = False
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
