@@ -105,9 +105,9 @@ def pseudo_solve(system: torch.Tensor, rhs: torch.Tensor, one_head_at_a_time: bo
 
     Directions whose eigenvalue is at most t * eps * the largest one (rounding noise, including the slightly negative
     eigenvalues that float32 rounding in a gram of thousands of correlated columns produces) are dropped, as a
-    least-squares solver's rank cut-off would drop them. The CPU lstsq this replaces took minutes per head at ~8k
-    kept keys with one thread per process (an 8k-token block at keep 0.5 without the per-head cap: no attempt of that
-    eval unit finished within its call, the longest 570 s, on the H200; docs/quality.md)."""
+    least-squares solver's rank cut-off would drop them. The CPU lstsq this replaces takes 73.7 s for one 8,192-key
+    head on one CPU thread, as eval processes run (docs/quality.md), the likely reason an 8k-token block at keep 0.5
+    without the per-head cap never finished on the H200 (the longest attempt ran 570 s)."""
     if one_head_at_a_time:
         return torch.cat([pseudo_solve(system[head:head + 1], rhs[head:head + 1], False)
                           for head in range(len(system))])
