@@ -13,7 +13,7 @@ from typing import ContextManager, Iterator
 import torch
 from torch import nn
 
-from workers.compaction.solvers import attention_logits, key_scores, log_mass
+from workers.compaction.solvers import max_attention_weights
 
 
 @contextmanager
@@ -103,7 +103,7 @@ class KeyImportance:
     kept, so memory stays at one score per key whatever the pass length.
     """
 
-    LOGIT_ELEMENTS = 1 << 26  # queries are scored in blocks of at most this many logits
+    LOGIT_ELEMENTS = 1 << 27  # queries are scored in blocks of at most this many logits
 
     def __init__(self, model: nn.Module, context_keys: dict[int, torch.Tensor], span: torch.Tensor,
                  num_kv_heads: int):
@@ -125,8 +125,7 @@ class KeyImportance:
         block = max(1, self.LOGIT_ELEMENTS // (keys.shape[0] * keys.shape[1]))
         best = self.scores.get(layer)
         for start in range(0, queries.shape[1], block):
-            logits = attention_logits(queries[:, start:start + block], keys, module.scaling)
-            top = key_scores(logits[:, :, span], "max", log_mass(logits))
+            top = max_attention_weights(queries[:, start:start + block], keys, module.scaling)[:, span]
             best = top if best is None else torch.maximum(best, top)
         self.scores[layer] = best
 
