@@ -41,6 +41,7 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
         assert row["dataset"] == "tiny" and row["n_questions"] == 2 and 0.0 <= row["accuracy"] <= 1.0
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
         assert row["kl"] is not None and row["kl"] >= -1e-4
+        assert row["dtype"] == "float32"  # recorded as resolved: tiny models run in float32 whatever --dtype says
     by_method = {r["method"]: r for r in rows}
     assert by_method["full"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert by_method["am"]["retained_slots"] < by_method["full"]["retained_slots"]

@@ -86,3 +86,7 @@ def test_combine_takes_selected_rows_from_each_run_and_relabels_them(tmp_path):
     assert "| am[cap] | 1/2, 1.500 |" in (tmp_path / "out" / RESULTS_MD).read_text()
     with pytest.raises(ValueError, match="already taken"):  # the same (dataset, method, ratio) from two runs
         combined_rows([str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:am"])
+    # Names with overrides select and relabel whole: commas and '=' inside brackets belong to the name.
+    labelled = tmp_path / "out" / RESULTS_JSON
+    rows = combined_rows([f"{labelled}:am[cap]=am[a=1,b=2],none"])
+    assert [r["method"] for r in rows] == ["none", "am[a=1,b=2]"]

@@ -57,6 +57,8 @@ class Answer:
 class Backend(Protocol):
     """Build context caches and answer from them; log-prob scoring returns None where the backend cannot score."""
 
+    dtype: str | None  # the model's compute dtype where known (recorded with every result)
+
     def full(self, text: str) -> BuiltContext: ...
 
     def empty(self) -> BuiltContext: ...
@@ -116,6 +118,7 @@ class InProcessBackend:
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
+        self.dtype = str(lm.dtype).removeprefix("torch.")  # what `--dtype auto` resolved to on this machine
         # The last prepared context (prefill + reference queries): every method and ratio of one document reuses it.
         self._prepared: tuple[tuple, PreparedContext] | None = None
 

@@ -16,15 +16,26 @@ from pathlib import Path
 from workers.eval.report import write_report
 
 
+def _split_outside_brackets(text: str, separator: str, limit: int = -1) -> list[str]:
+    """`text` split at `separator` where it is not inside [...]: method names carry overrides like `am[a=1,b=2]`."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if char == separator and depth == 0 and len(parts) != limit:
+            parts.append(text[start:index])
+            start = index + 1
+    return parts + [text[start:]]
+
+
 def parse_source(source: str) -> tuple[Path, dict[str, str] | None]:
     """(file, {method: label} or None for every row)."""
     path, _, selection = source.partition(":")
     if not selection:
         return Path(path), None
     labels = {}
-    for item in selection.split(","):
-        old, _, new = item.partition("=")
-        labels[old.strip()] = (new or old).strip()
+    for item in _split_outside_brackets(selection, ","):
+        old, *new = _split_outside_brackets(item, "=", limit=1)
+        labels[old.strip()] = (new[0] if new else old).strip()
     return Path(path), labels
 
 

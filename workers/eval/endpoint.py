@@ -39,6 +39,7 @@ class HttpBackend:
         self.client = client or OpenAI(base_url=base_url(endpoint), api_key=api_key)
         self.model = model or self.client.models.list().data[0].id
         self._template_tokens: int | None = None
+        self.dtype: str | None = None  # the service does not say
 
     def check(self, spec: MethodSpec) -> None:
         """Refuse, before any request, a method whose overrides POST /v1/compact cannot carry."""

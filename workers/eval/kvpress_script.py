@@ -129,7 +129,8 @@ def evaluate_document(session: Session, document: Document, max_questions: int |
                          "kl": kl})
         head_dim, elem = cache.layers[0].keys.shape[-1], cache.layers[0].keys.element_size()
         store.save({"dataset": dataset, "doc_id": document.id, "method": method, "keep_ratio": ratio,
-                    "input_tokens": length, "retained_slots": slots, "bytes": slots * 2 * head_dim * elem,
+                    "dtype": str(session.model.dtype).removeprefix("torch."), "input_tokens": length,
+                    "retained_slots": slots, "bytes": slots * 2 * head_dim * elem,
                     "compaction_seconds": seconds, "phase_seconds": {"prefill+press": seconds}, "questions": rows})
 
 

@@ -40,6 +40,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         phases = sorted({phase for record in group for phase in record.get("phase_seconds") or {}})
         rows.append({
             "dataset": dataset, "method": method, "keep_ratio": ratio, "model": group[0].get("model"),
+            "dtype": "/".join(sorted({r["dtype"] for r in group if r.get("dtype")})) or None,  # None: not recorded
             "n_docs": len(group), "n_questions": len(answers), "n_correct": correct,
             "accuracy": correct / len(answers) if answers else None, "ci_low": low, "ci_high": high,
             "log_ppl": _mean([q.get("log_ppl") for q in answers]), "kl": _mean([q.get("kl") for q in answers]),

@@ -102,7 +102,7 @@ class _DocumentEval:
             rows.append({"index": index, "prediction": answer.text, "reference": reference.answer.text,
                          "correct": is_correct(question, answer.text),
                          "log_ppl": None if logprob is None else -logprob, "kl": kl})
-        return {"doc_id": self.document.id, "method": spec.name, "keep_ratio": keep_ratio,
+        return {"doc_id": self.document.id, "method": spec.name, "keep_ratio": keep_ratio, "dtype": self.backend.dtype,
                 "input_tokens": self.full.input_tokens,  # the document's, whatever the method compacted
                 "retained_slots": context.retained_slots, "padded_slots": context.padded_slots,
                 "bytes": context.bytes,
