@@ -86,6 +86,15 @@ def test_uniform_floor_trades_the_global_budget_for_the_uniform_one(prepared_lla
     assert spreads[0.0] > spreads[0.9] > spreads[1.0]
 
 
+def test_head_weights_move_the_global_budget_towards_the_weighted_head():
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.rand(4, 50, generator=generator)
+    plain = budgets.global_budgets(scores, 60, 4, 50)
+    assert torch.equal(budgets.global_budgets(scores, 60, 4, 50, torch.ones(4)), plain)
+    weighted = budgets.global_budgets(scores, 60, 4, 50, torch.tensor([8.0, 1.0, 1.0, 1.0]))
+    assert int(weighted.sum()) == 60 and weighted[0] > plain[0] and (weighted[1:] <= plain[1:]).all()
+
+
 def test_one_chunk_equals_unchunked_and_chunks_bound_the_solve(prepared_llama):
     _, prepared = prepared_llama
     whole = run(prepared_llama, "am")
@@ -267,6 +276,7 @@ def test_profile_budgets_follow_proportions_within_limits():
     (CompactionConfig(keep_ratio=0.1, target_tokens=5), "not both"),
     (CompactionConfig(keep_ratio=0.1, max_ratio_per_head=0), "max_ratio_per_head"),
     (CompactionConfig(keep_ratio=0.1, uniform_floor=1.5), "uniform_floor"),
+    (CompactionConfig(keep_ratio=0.1, profile_prior=-1.0), "profile_prior"),
 ])
 def test_bad_budgets_and_options_get_clear_errors(config, message):
     with pytest.raises(CompactionConfigError, match=message):

@@ -113,3 +113,13 @@ def test_calibrate_sensitivity_writes_a_profile_that_budgets_follow(tmp_path):
     proportions = torch.tensor(stored["proportions"])
     # The heads the profile ranks first get at least as many slots as those it ranks last.
     assert budgets[proportions.argmax()] >= budgets[proportions.argmin()]
+    # As a prior on the global budget: the profile's first head gains slots, the total stays the same.
+    lm = tiny("llama")
+    plain, prior = (compact_context(lm, DOCUMENT, CompactionConfig(keep_ratio=0.2, profile_prior=strength,
+                                                                   profile_path=str(out)))
+                    for strength in (0.0, 2.0))
+    plain_budgets = torch.tensor([b for layer in plain.budgets for b in layer])
+    prior_budgets = torch.tensor([b for layer in prior.budgets for b in layer])
+    assert prior_budgets.sum() == plain_budgets.sum()
+    assert prior_budgets[proportions.argmax()] >= plain_budgets[proportions.argmax()]
+    assert not torch.equal(prior_budgets, plain_budgets)

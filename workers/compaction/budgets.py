@@ -32,12 +32,16 @@ def uniform_budgets(num_heads: int, block_length: int, total: int) -> torch.Tens
     return budgets.clamp(max=block_length)
 
 
-def global_budgets(scores: torch.Tensor, total: int, floor: int, cap: int) -> torch.Tensor:
+def global_budgets(scores: torch.Tensor, total: int, floor: int, cap: int,
+                   head_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One global top-k over every key of every head: (heads, T) comparable scores -> (heads,) slot counts.
 
     Each head first keeps its own `floor` best keys; the rest of the budget goes to the highest remaining scores
-    anywhere, never past `cap` keys in one head.
+    anywhere, never past `cap` keys in one head. `head_weights` (heads,) multiply each head's scores first: a prior on
+    how much a head matters beside what this document's attention says (a measured profile).
     """
+    if head_weights is not None:
+        scores = scores.float() * head_weights.reshape(-1, 1).to(scores.device, torch.float32)
     heads = scores.shape[0]
     remaining = total - floor * heads
     if remaining <= 0:

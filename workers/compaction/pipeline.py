@@ -61,6 +61,9 @@ class CompactionConfig:
     # QuALITY's story questions; 0.5 lost half the needles at keep 0.1 and stayed behind H2O on the stories
     # (docs/quality.md, session 5).
     uniform_floor: float = 0.0
+    # Global budget only: weight each head's scores by (its profile share x heads) ** profile_prior, a measured
+    # per-model prior (kvcompact calibrate) on top of the document's own attention; 0 ignores any profile.
+    profile_prior: float = 0.0
     on_policy: bool = False
     self_study_tokens: int = 128
     # Relative to sigma_max(X)^2 and pulling towards the original values: on RULER needle documents 0.1 gave lower
@@ -102,6 +105,8 @@ class CompactionConfig:
             raise CompactionConfigError("value_prior must be original or zero")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
+        if self.profile_prior < 0:
+            raise CompactionConfigError(f"profile_prior must be >= 0, got {self.profile_prior}")
         if not 0 <= self.uniform_floor <= 1:
             raise CompactionConfigError(f"uniform_floor must be in [0, 1], got {self.uniform_floor}")
         if not 0 < self.max_ratio_per_head <= 1:
@@ -289,7 +294,10 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: sl
         flat = budget_rules.profile_budgets(load_profile(lm, config), total, floor, cap)
     else:
         scores = torch.cat([prepared.key_importance(lm, layer)[:, chunk].cpu() for layer in layers])
-        flat = budget_rules.global_budgets(scores, total, floor, cap)
+        weights = None
+        if config.profile_prior > 0:
+            weights = (load_profile(lm, config) * len(layers) * heads) ** config.profile_prior
+        flat = budget_rules.global_budgets(scores, total, floor, cap, weights)
     return {layer: flat[i * heads:(i + 1) * heads] for i, layer in enumerate(layers)}
 
 
