@@ -41,7 +41,7 @@ def measure_head_profile(lm, text: str, ratios: list[float]) -> dict:
 
     config = CompactionConfig()
     prepared = prepare_context(lm, text, config)
-    layers = [i for i, layer in enumerate(prepared.cache.layers) if not getattr(layer, "is_sliding", False)]
+    layers = prepared.compactable_layers
     whole = slice(0, prepared.span.numel())
     shares = []
     for ratio in ratios:
@@ -61,13 +61,12 @@ def measure_sensitivity_profile(lm, text: str, ratios: list[float]) -> dict:
 
     config = CompactionConfig(budget="uniform")
     prepared = prepare_context(lm, text, config)
-    layers = [i for i, layer in enumerate(prepared.cache.layers) if not getattr(layer, "is_sliding", False)]
+    layers = prepared.compactable_layers
     probed = sorted(set(ratios) | {sensitivity.BASE_RATIO})
     compactions = {ratio: compact_prepared(lm, prepared, replace(config, keep_ratio=ratio)).compacted
                    for ratio in probed}
     rendered = prepared.rendered
-    document_ids = [token for token, compactable in zip(rendered.ids, rendered.compactable) if compactable]
-    probes = sensitivity.recall_probes(lm.tokenizer, rendered.roles, document_ids)
+    probes = sensitivity.recall_probes(lm.tokenizer, rendered.roles, rendered.compactable_ids())
     curves = sensitivity.influence_curves(lm, compactions, sensitivity.BASE_RATIO, layers, probes)
     targets = tuple(t for t in sensitivity.DEFAULT_TARGETS if probed[0] <= t <= probed[-1])
     proportions = sensitivity.sensitivity_proportions(torch.tensor(probed), curves, targets)
@@ -78,9 +77,8 @@ def measure_sensitivity_profile(lm, text: str, ratios: list[float]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from workers.compaction.pipeline import CompactionConfig, profile_file
-    from workers.models.loading import load_model
-
     from workers.compaction.sensitivity import DEFAULT_PROBE_RATIOS
+    from workers.models.loading import load_model
 
     lm = load_model(args.model, args.dtype, args.device)
     text = Path(args.text).read_text()

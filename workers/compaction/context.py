@@ -39,6 +39,10 @@ class RenderedContext:
         """Positions of the compactable tokens, in order."""
         return torch.tensor([i for i, c in enumerate(self.compactable) if c], dtype=torch.long)
 
+    def compactable_ids(self) -> list[int]:
+        """The compactable tokens themselves (the document's own tokens, without the template's)."""
+        return [token for token, compactable in zip(self.ids, self.compactable) if compactable]
+
 
 def _content_text(content: object, where: str) -> str:
     if isinstance(content, str):

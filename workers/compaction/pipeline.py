@@ -162,6 +162,11 @@ class PreparedContext:
     def span(self) -> torch.Tensor:
         return self.rendered.span()
 
+    @property
+    def compactable_layers(self) -> list[int]:
+        """Indices of the layers that get compacted: every layer but the sliding-window ones (kept verbatim)."""
+        return [i for i, layer in enumerate(self.cache.layers) if not getattr(layer, "is_sliding", False)]
+
     def key_importance(self, lm, layer: int) -> torch.Tensor:
         """Every compactable key's largest attention weight over the reference queries, normalised over the whole
         context (KVzip's measure; comparable across heads and layers). Measured once per context and layer.
@@ -356,7 +361,7 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     keep_ratio = config.keep_ratio_for(span.numel())
     mode = method.default_budget if config.budget == "auto" else config.budget
     cache_layers = prepared.cache.layers
-    layers = [i for i, layer in enumerate(cache_layers) if not getattr(layer, "is_sliding", False)]
+    layers = prepared.compactable_layers
     chunks = _chunks(span.numel(), config.chunk_tokens)
     with timer.phase("budgets"):
         chunk_budgets = [allocate_budgets(lm, prepared, layers, chunk, keep_ratio, mode, config) for chunk in chunks]

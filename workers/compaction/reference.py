@@ -78,7 +78,7 @@ def split_positions(candidates: torch.Tensor, fit_count: int, heldout_count: int
 
 def repeat_pass_ids(tokenizer, rendered: RenderedContext) -> list[int]:
     prompt = continuation_ids(tokenizer, rendered.roles, [{"role": "user", "content": REPEAT_PROMPT}])
-    return prompt + [token for token, compactable in zip(rendered.ids, rendered.compactable) if compactable]
+    return prompt + rendered.compactable_ids()
 
 
 def self_study_pass_ids(lm, cache, rendered: RenderedContext, max_new_tokens: int, seed: int) -> list[list[int]]:
