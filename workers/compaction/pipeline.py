@@ -145,6 +145,11 @@ class CompactionResult:
     budgets: list[list[int]] = field(default_factory=list)  # document slots kept, per compacted layer per KV head
 
 
+def compactable_layer_indices(cache: DynamicCache) -> list[int]:
+    """Indices of the layers that get compacted: every layer but the sliding-window ones (kept verbatim)."""
+    return [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
+
+
 @dataclass
 class PreparedContext:
     """A rendered, prefilled context with its reference queries: shared by every method and ratio (the eval
@@ -164,8 +169,7 @@ class PreparedContext:
 
     @property
     def compactable_layers(self) -> list[int]:
-        """Indices of the layers that get compacted: every layer but the sliding-window ones (kept verbatim)."""
-        return [i for i, layer in enumerate(self.cache.layers) if not getattr(layer, "is_sliding", False)]
+        return compactable_layer_indices(self.cache)
 
     def key_importance(self, lm, layer: int) -> torch.Tensor:
         """Every compactable key's largest attention weight over the reference queries, normalised over the whole
@@ -234,9 +238,8 @@ def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> 
     with timer.phase("queries"):
         passes = plan_passes(lm, cache, rendered, tuple(config.query_sources), tokens_per_source, heldout_tokens,
                              config.self_study_tokens, generator, config.seed)
-        importance = KeyImportance(lm.model, {i: layer.keys[0] for i, layer in enumerate(cache.layers)
-                                              if not getattr(layer, "is_sliding", False)}, rendered.span(),
-                                   num_kv_heads)
+        importance = KeyImportance(lm.model, {i: cache.layers[i].keys[0] for i in compactable_layer_indices(cache)},
+                                   rendered.span(), num_kv_heads)
         capture_passes(lm, cache, passes, pass_queries, num_kv_heads, config.prefill_chunk_tokens,
                        importance=importance)
     return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict(),
@@ -285,9 +288,18 @@ def _block(lm, prepared: PreparedContext, layer: int, chunk: slice, queries: tor
                      context_scores=prepared.key_importance(lm, layer)[:, chunk] if with_scores else None)
 
 
+def budget_profile(lm, mode: str, config: CompactionConfig) -> torch.Tensor | None:
+    """The stored head profile when `mode` and `config` use one (read once per compaction, not per chunk)."""
+    if mode == "profile" or (mode == "global" and config.profile_prior > 0):
+        return load_profile(lm, config)
+    return None
+
+
 def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: slice, keep_ratio: float,
-                     mode: str, config: CompactionConfig) -> dict[int, torch.Tensor]:
-    """Slots per KV head for each compactable layer, for one chunk of the span (phase `budgets`)."""
+                     mode: str, config: CompactionConfig,
+                     profile: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Slots per KV head for each compactable layer, for one chunk of the span (phase `budgets`); `profile` is
+    `budget_profile`'s answer for the same mode and config."""
     heads = _num_kv_heads(lm)
     length = chunk.stop - chunk.start
     total = max(heads * len(layers), round(keep_ratio * length * heads * len(layers)))
@@ -296,12 +308,12 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: sl
     if mode == "uniform":
         flat = budget_rules.uniform_budgets(heads * len(layers), length, total)
     elif mode == "profile":
-        flat = budget_rules.profile_budgets(load_profile(lm, config), total, floor, cap)
+        flat = budget_rules.profile_budgets(profile, total, floor, cap)
     else:
         scores = torch.cat([prepared.key_importance(lm, layer)[:, chunk].cpu() for layer in layers])
         weights = None
         if config.profile_prior > 0:
-            weights = (load_profile(lm, config) * len(layers) * heads) ** config.profile_prior
+            weights = (profile * len(layers) * heads) ** config.profile_prior
         flat = budget_rules.global_budgets(scores, total, floor, cap, weights)
     return {layer: flat[i * heads:(i + 1) * heads] for i, layer in enumerate(layers)}
 
@@ -364,7 +376,9 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     layers = prepared.compactable_layers
     chunks = _chunks(span.numel(), config.chunk_tokens)
     with timer.phase("budgets"):
-        chunk_budgets = [allocate_budgets(lm, prepared, layers, chunk, keep_ratio, mode, config) for chunk in chunks]
+        profile = budget_profile(lm, mode, config)
+        chunk_budgets = [allocate_budgets(lm, prepared, layers, chunk, keep_ratio, mode, config, profile)
+                         for chunk in chunks]
     verbatim = torch.tensor([i for i, c in enumerate(prepared.rendered.compactable) if not c], dtype=torch.long)
     needs_context_scores = method.name == "kvzip" or config.key_score == "max"
     done: dict[int, CompactedLayer] = {}

@@ -103,7 +103,9 @@ class KeyImportance:
     kept, so memory stays at one score per key whatever the pass length.
     """
 
-    LOGIT_ELEMENTS = 1 << 27  # queries are scored in blocks of at most this many logits
+    # Queries are scored in blocks of at most this many float32 logits (two copies live at once: the logits and
+    # the weights), 1 GiB per block on a GPU; a CPU gains nothing from large blocks.
+    LOGIT_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 24}
 
     def __init__(self, model: nn.Module, context_keys: dict[int, torch.Tensor], span: torch.Tensor,
                  num_kv_heads: int):
@@ -122,7 +124,8 @@ class KeyImportance:
         queries = pool_gqa(project_queries(module, hidden[:1], cos[:1], sin[:1])[0], self.num_kv_heads)
         keys = self.context_keys[layer]
         span = self.span.to(keys.device)
-        block = max(1, self.LOGIT_ELEMENTS // (keys.shape[0] * keys.shape[1]))
+        budget = self.LOGIT_ELEMENTS.get(keys.device.type, self.LOGIT_ELEMENTS["cpu"])
+        block = max(1, budget // (keys.shape[0] * keys.shape[1]))
         best = self.scores.get(layer)
         for start in range(0, queries.shape[1], block):
             top = max_attention_weights(queries[:, start:start + block], keys, module.scaling)[:, span]

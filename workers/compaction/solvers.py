@@ -62,35 +62,13 @@ def key_scores(logits: torch.Tensor, reduction: str, log_normalizer: torch.Tenso
 def max_attention_weights(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """KVzip's importance of every key, max_i softmax(s q_i K^T)_j over the queries: (H, n, d) x (H, T, d) -> (H, T).
 
-    This runs on every token of a repeat pass against the whole context, the largest cost of a compaction. On a GPU
-    it takes the fused form (`fused_max_attention_weights`, memory-bound there); on the CPU the plain softmax, whose
-    elementwise work in float32 is cheaper than the fused form's in bf16 there."""
-    if keys.device.type == "cpu":
-        logits = attention_logits(queries, keys, scaling)
-        return key_scores(logits, "max", log_mass(logits))
-    return fused_max_attention_weights(queries, keys, scaling)
-
-
-def fused_max_attention_weights(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """`max_attention_weights` with about half the memory traffic of the plain softmax: the logits stay in the keys'
-    dtype and are normalised in place, and a second product subtracts each query's log-mass inside the matmul, by
-    two extra key columns of ones against -log-mass split into a high and a low part (one low-precision number would
-    lose ~0.1 of the log-mass), so only what the max needs is ever written.
-    """
-    heads, count, dim = queries.shape
-    scaled = (queries * scaling).to(keys.dtype)
-    logits = torch.matmul(scaled, keys.transpose(-1, -2))
-    peak = logits.amax(dim=-1, keepdim=True)
-    total = logits.sub_(peak).exp_().sum(dim=-1, dtype=torch.float32)
-    log_normalizer = peak[..., 0].float() + total.log()
-    del logits
-    high = log_normalizer.to(keys.dtype)
-    low = (log_normalizer - high.float()).to(keys.dtype)
-    pad = (-(dim + 2)) % 8  # keep the inner dimension a multiple of 8 for the tensor cores
-    extended_queries = torch.cat([scaled, -high[..., None], -low[..., None], scaled.new_zeros(heads, count, pad)], -1)
-    extended_keys = torch.cat([keys, keys.new_ones(heads, keys.shape[1], 2), keys.new_zeros(heads, keys.shape[1], pad)],
-                              dim=-1)
-    return torch.matmul(extended_queries, extended_keys.transpose(-1, -2)).amax(dim=1).float().exp()
+    This runs on every token of a repeat pass against the whole context, the largest cost of a compaction, and it
+    decides the global budget, so it stays in the plain float32 softmax on every device. A fused bf16 form that
+    subtracted each query's log-mass inside a second matmul (session 6) was 1.8x faster on an H200 but cost AM most
+    of its needle log-likelihood at 50x (log-ppl 1.577 -> 2.409 on eight RULER documents, docs/quality.md), so it was
+    withdrawn."""
+    logits = attention_logits(queries, keys, scaling)
+    return key_scores(logits, "max", log_mass(logits))
 
 
 def select_top(scores: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
