@@ -218,6 +218,25 @@ def test_nnls_respects_bounds_and_recovers_exact_weights():
     assert clamped.min() >= 0.9 and clamped.max() <= 1.1
 
 
+def test_beta_prior_pulls_the_mass_weights_towards_one_by_its_strength():
+    generator = torch.Generator().manual_seed(2)
+    features = torch.rand(1, 300, 5, generator=generator)
+    true_weights = torch.tensor([[4.0, 0.5, 2.0, 3.0, 0.0]])
+    target = (features * true_weights[:, None, :]).sum(-1)
+    active = torch.tensor([[True, True, True, True, False]])  # the padding slot stays 0 whatever the prior
+
+    def fit(strength: float) -> torch.Tensor:
+        return solvers.solve_mass_weights(features, target, active, 1e-3, 100.0, iterations=2,
+                                          prior_strength=strength)
+
+    free, mild, strong = fit(0.0), fit(1.0), fit(1e4)
+    assert torch.allclose(free, true_weights, atol=1e-3)
+    distance = [float((w - active.float()).abs().sum()) for w in (free, mild, strong)]
+    assert distance[0] > distance[1] > distance[2]
+    assert torch.allclose(strong, active.float(), atol=1e-2)
+    assert torch.all(torch.stack([free, mild, strong])[..., 4] == 0)
+
+
 def test_value_fit_shrinks_unattended_keys_towards_their_original_values():
     """A kept key no reference query attends to (a needle, say) keeps its original value under the default prior;
     plain ridge would zero it. Attended keys are fitted to the targets either way."""

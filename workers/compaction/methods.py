@@ -47,6 +47,7 @@ class FitSettings:
 
     beta_lower: float = solvers.DEFAULT_BETA_BOUNDS[0]
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
+    beta_prior: float = 0.0  # pull of exp(beta) towards 1 in the mass fit (solvers.solve_mass_weights)
     nnls_iterations: int = 2
     value_ridge: float = 0.1
     key_score: str = "max"  # "max": context-normalised max (KVzip's, what global budgets use); "rms": the paper's
@@ -189,7 +190,8 @@ class AttentionMatching(CompactionMethod):
                     features = solvers.mass_features(logits)
                     weights = solvers.solve_mass_weights(
                         solvers.gather_columns(features, indices), features.sum(-1), active,
-                        self.settings.beta_lower, self.settings.beta_upper, self.settings.nnls_iterations)
+                        self.settings.beta_lower, self.settings.beta_upper, self.settings.nnls_iterations,
+                        self.settings.beta_prior)
                 beta = solvers.log_weights(weights, active)
         c_keys = solvers.gather_keys(block.keys, indices)
         with timer.phase("value_fit"):

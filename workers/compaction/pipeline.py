@@ -70,6 +70,8 @@ class CompactionConfig:
     # answer log-perplexity than 1e-3 (0.32 vs 0.43 at keep 0.1) and than no value fit at all (0.42); docs/quality.md.
     value_ridge: float = 0.1
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
+    # Pull of exp(beta) towards 1 in the mass fit, relative to the mass gram's mean diagonal; 0 is the paper's NNLS.
+    beta_prior: float = 0.0
     nnls_iterations: int = 2
     # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
     # head keeps exactly its share of the global top-k; "rms" (the paper's within-head score) is the alternative.
@@ -105,6 +107,8 @@ class CompactionConfig:
             raise CompactionConfigError("value_prior must be original or zero")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
+        if self.beta_prior < 0:
+            raise CompactionConfigError(f"beta_prior must be >= 0, got {self.beta_prior}")
         if self.profile_prior < 0:
             raise CompactionConfigError(f"profile_prior must be >= 0, got {self.profile_prior}")
         if not 0 <= self.uniform_floor <= 1:
@@ -364,7 +368,8 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     """Compact an already prepared context with `config` (method, budget, ratio...)."""
     config.validate()
     timer = PhaseTimer(lm.device)
-    method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, value_ridge=config.value_ridge,
+    method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, beta_prior=config.beta_prior,
+                                                    value_ridge=config.value_ridge,
                                                     nnls_iterations=config.nnls_iterations,
                                                     key_score=config.key_score,
                                                     value_prior=config.value_prior,

@@ -160,18 +160,25 @@ def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor, ridge: torch.Tensor) -> to
 
 
 def solve_mass_weights(features: torch.Tensor, target: torch.Tensor, active: torch.Tensor, lower: float,
-                       upper: float, iterations: int) -> torch.Tensor:
-    """Box-constrained least squares  min ||M w - y||  s.t.  lower <= w <= upper  for w = exp(beta).
+                       upper: float, iterations: int, prior_strength: float = 0.0) -> torch.Tensor:
+    """Box-constrained least squares  min ||M w - y||^2 + lambda ||w - 1||^2  s.t.  lower <= w <= upper  for
+    w = exp(beta), with lambda = prior_strength x the mean diagonal of M^T M (0: the paper's plain NNLS).
 
     features M (H, n, t) are the mass features of the kept keys, target y (H, n) the row sums over *all* original
     keys. Start from the unconstrained least-squares solution, clamp it into the box, then take `iterations`
-    projected-gradient steps of size 1/||M||^2. Inactive columns come back as 0.
+    projected-gradient steps of size 1/||M||^2. Inactive columns come back as 0. The prior pulls each weight
+    towards 1 (beta 0, plain eviction) as far as the reference queries leave it free: on story questions beta fitted
+    on repeat-pass queries alone costs AM log-likelihood that no beta at all keeps (docs/quality.md, session 7).
     """
     design = features * active[:, None, :]
     # Products in float32 (the n x t^2 bulk of the work), the t x t solve in float64.
     gram = (design.transpose(1, 2) @ design).double()
     rhs = (design.transpose(1, 2) @ target[..., None]).double()
     scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
+    if prior_strength > 0:
+        prior = prior_strength * scale
+        gram = gram + prior[:, None, None] * torch.diag_embed(active.double())
+        rhs = rhs + prior[:, None, None] * active[..., None].double()
     clamped_lstsq = _solve_spd(gram, rhs, 1e-9 * scale + RIDGE_FLOOR).clamp(lower, upper)
     # When the kept keys' features are nearly collinear (flat attention) the unconstrained solution swings to huge
     # positive and negative weights and clamping wrecks it; the best *uniform* weight is then far better. Start from
@@ -180,7 +187,7 @@ def solve_mass_weights(features: torch.Tensor, target: torch.Tensor, active: tor
     uniform = ((ones.transpose(1, 2) @ rhs) / (ones.transpose(1, 2) @ gram @ ones).clamp_min(RIDGE_FLOOR))
     uniform = (uniform * ones).clamp(lower, upper)
 
-    def objective(w: torch.Tensor) -> torch.Tensor:  # ||Mw - y||^2 up to the constant ||y||^2
+    def objective(w: torch.Tensor) -> torch.Tensor:  # the minimised sum, up to its constant terms
         return (w.transpose(1, 2) @ gram @ w - 2 * w.transpose(1, 2) @ rhs).reshape(-1)
 
     use_uniform = (objective(uniform) < objective(clamped_lstsq))[:, None, None]
