@@ -71,8 +71,8 @@ class CompactionConfig:
     value_ridge: float = 0.1
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     # Pull of exp(beta) towards 1 in the mass fit, relative to the mass gram's mean diagonal; 0 is the paper's NNLS.
-    # 1.0 had the lower or equal answer log-ppl in five CPU cells (two stories, one needle document) and lost one
-    # needle answer of five; not yet measured on the GPU sets (docs/quality.md, session 7).
+    # 1.0 had the lower or equal answer log-ppl in five of six CPU cells (two stories, two needle documents) and
+    # lost one needle answer of five; not yet measured on the GPU sets (docs/quality.md, session 7).
     beta_prior: float = 0.0
     nnls_iterations: int = 2
     # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
