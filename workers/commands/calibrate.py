@@ -37,15 +37,16 @@ def measure_head_profile(lm, text: str, ratios: list[float]) -> dict:
     import torch
 
     from workers.compaction import budgets as budget_rules
-    from workers.compaction.pipeline import CompactionConfig, allocate_budgets, prepare_context
+    from workers.compaction.pipeline import CompactionConfig, allocate_budgets, budget_profile, prepare_context
 
     config = CompactionConfig()
     prepared = prepare_context(lm, text, config)
     layers = prepared.compactable_layers
     whole = slice(0, prepared.span.numel())
+    profile = budget_profile(lm, "global", config)
     shares = []
     for ratio in ratios:
-        allocation = allocate_budgets(lm, prepared, layers, whole, ratio, "global", config)
+        allocation = allocate_budgets(lm, prepared, layers, whole, ratio, "global", config, profile)
         shares.append(budget_rules.proportions_from_budgets(torch.cat([allocation[layer] for layer in layers])))
     proportions = torch.stack(shares).mean(dim=0)
     return {"model": lm.name, "config_fingerprint": lm.config_fingerprint, "layers": layers, "ratios": ratios,

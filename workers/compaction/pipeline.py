@@ -302,8 +302,7 @@ def budget_profile(lm, mode: str, config: CompactionConfig) -> torch.Tensor | No
 
 
 def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: slice, keep_ratio: float,
-                     mode: str, config: CompactionConfig,
-                     profile: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+                     mode: str, config: CompactionConfig, profile: torch.Tensor | None) -> dict[int, torch.Tensor]:
     """Slots per KV head for each compactable layer, for one chunk of the span (phase `budgets`); `profile` is
     `budget_profile`'s answer for the same mode and config."""
     heads = _num_kv_heads(lm)
