@@ -40,4 +40,9 @@ def test_wilson_interval():
     assert low == pytest.approx(0.5083, abs=1e-4) and high == pytest.approx(0.8509, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] > 0.2
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(10, 10)[0] < 0.8
+    # the interval holds k/n for every count (0/11 rounded to a positive lower bound before the clamp)
+    for trials in range(1, 120):
+        for successes in range(trials + 1):
+            low, high = wilson_interval(successes, trials)
+            assert low <= successes / trials <= high, (successes, trials)
     assert wilson_interval(0, 0) == (0.0, 1.0)

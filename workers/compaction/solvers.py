@@ -177,7 +177,7 @@ def solve_mass_weights(features: torch.Tensor, target: torch.Tensor, active: tor
     scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
     if prior_strength > 0:
         prior = prior_strength * scale
-        gram = gram + prior[:, None, None] * torch.diag_embed(active.double())
+        gram.diagonal(dim1=1, dim2=2).add_(prior[:, None] * active.double())  # in place: no (H, t, t) temporary
         rhs = rhs + prior[:, None, None] * active[..., None].double()
     clamped_lstsq = _solve_spd(gram, rhs, 1e-9 * scale + RIDGE_FLOOR).clamp(lower, upper)
     # When the kept keys' features are nearly collinear (flat attention) the unconstrained solution swings to huge

@@ -45,11 +45,13 @@ def is_correct(question: Question, prediction: str) -> bool:
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion: sane at 0/n and n/n, where the normal interval collapses."""
+    """95% Wilson score interval for a proportion: sane at 0/n and n/n, where the normal interval collapses. The
+    bounds are clamped to contain k/n: at 0/n and n/n rounding can put them a few ulps on the wrong side (0/11 gave a
+    positive lower bound), which error bars reject as a negative length."""
     if trials <= 0:
         return 0.0, 1.0
     p = successes / trials
     denominator = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
