@@ -24,6 +24,9 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "functi
 DEFAULT_KEEP_RATIO = 0.1
 DEFAULT_TTL_SECONDS = 24 * 3600
 MAX_TTL_SECONDS = 30 * 24 * 3600
+# beta_prior beyond this already pins beta at 0 (plain eviction); the bound keeps a hostile value from overflowing the
+# mass fit's ridge to inf.
+MAX_BETA_PRIOR = 1e4
 MAX_STOP_SEQUENCES = 4
 # OpenAI's limits on `metadata`.
 MAX_METADATA_KEYS = 16
@@ -116,6 +119,10 @@ class CompactRequest(BaseModel):
     method: CompactionMethod = "am"
     query_sources: list[QuerySource] = Field(default_factory=lambda: ["repeat"], min_length=1)
     chunk_tokens: int | None = Field(default=None, ge=1)
+    # Pull of beta towards 0 in the mass fit (CompactionConfig.beta_prior): 0 fits beta on the reference queries alone
+    # (best for exact retrieval: needles, key-value lookups); about 10 suits narrative questions, where beta fitted on
+    # repeat-pass queries costs answer log-likelihood (docs/quality.md, session 8).
+    beta_prior: float = Field(default=0.0, ge=0, le=MAX_BETA_PRIOR)
     ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=1, le=MAX_TTL_SECONDS)
     background: bool = False
     metadata: dict[str, str] | None = None

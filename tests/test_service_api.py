@@ -26,6 +26,7 @@ from tests.service_helpers import (
     wait_until,
 )
 from workers.queue import NOT_FOUND_MESSAGE
+from workers.store.blob import decode_blob
 
 MAX_INPUT_BYTES = 64_000
 MAX_INPUT_TOKENS = 3_000
@@ -71,6 +72,14 @@ def test_compact_returns_completed_object_with_opaque_token(compaction):
     assert usage["blob_bytes"] > 0 and "total" in usage["phase_seconds"]
     assert compaction["expires_at"] > time.time()
     assert "handle" not in compaction and "tenant" not in compaction
+
+
+def test_compaction_options_reach_the_worker_and_the_blob(service, client):
+    """beta_prior (like query_sources) is a compaction option: the worker fits with it and the blob records it."""
+    made = compact(client, DOCUMENT, keep_ratio=0.5, beta_prior=10.0)
+    handle = service.store().get_status(made["id"])["handle"]
+    _, header = decode_blob(service.store().get(handle), None)
+    assert header.params["beta_prior"] == 10.0 and header.params["keep_ratio"] == 0.5
 
 
 def test_chat_stream_and_non_stream_agree_and_count_cached_tokens(client, compaction):
