@@ -74,6 +74,14 @@ def test_result_store_round_trip_and_question_count(tmp_path):
     assert store.load("set", "x/y", "am[budget=uniform,query_sources=a+b]", 0.1, 2) is not None
 
 
+def test_plots_accept_old_rows_whose_interval_misses_the_accuracy_by_rounding(tmp_path):
+    """results.json files written before wilson_interval's clamp hold bounds like 0/11's 1e-17 (combine reads them)."""
+    rows = aggregate(RECORDS)
+    rows[2] = dict(rows[2], n_correct=0, accuracy=0.0, ci_low=1e-17)
+    written = write_report(rows, tmp_path)
+    assert (tmp_path / "accuracy_vs_ratio_set.png") in written
+
+
 def test_combine_takes_selected_rows_from_each_run_and_relabels_them(tmp_path):
     new = [_record("full", 1.0, "d1", [True, True], 0.1), _record("am", 0.1, "d1", [True, True], 0.5)]
     old = [_record("none", 0.0, "d1", [False, False], 3.0), _record("am", 0.1, "d1", [False, True], 1.5),

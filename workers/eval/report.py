@@ -121,7 +121,10 @@ def _plot_vs_ratio(rows: list[dict], metric: str, label: str, path: Path, title:
         xs = [p["keep_ratio"] for p in points]
         ys = [p[metric] for p in points]
         if metric == "accuracy":
-            errors = [[y - p["ci_low"] for y, p in zip(ys, points)], [p["ci_high"] - y for y, p in zip(ys, points)]]
+            # Clamped at 0: rows from results.json files written before wilson_interval's clamp can hold a bound a
+            # few ulps past the accuracy, and error bars refuse a negative length.
+            errors = [[max(0.0, y - p["ci_low"]) for y, p in zip(ys, points)],
+                      [max(0.0, p["ci_high"] - y) for y, p in zip(ys, points)]]
             ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
         else:
             ax.plot(xs, ys, marker="o", label=method)
