@@ -1,7 +1,16 @@
-"""Experiment (session 8, docs/quality.md): does the fit's error on the document's own queries (held out from a repeat-only fit)
-predict, per document, whether pulling beta towards 0 helps the answers?"""
-import dataclasses, json, sys, time
+"""Experiment (session 8, docs/quality.md): does the fit's error on the document's own queries (held out from a
+repeat-only fit) predict, per document, whether pulling beta towards 0 helps the answers?
+
+usage: python scripts/beta_signal.py DATASET.jsonl LIMIT OUT.json RATIO,RATIO,...  (one JSON row per line on stdout)
+"""
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
 import torch
+
 from workers.models.loading import load_model
 from workers.eval.datasets import load_dataset
 from workers.compaction.pipeline import CompactionConfig, prepare_context, compact_prepared
@@ -30,6 +39,7 @@ for doc in load_dataset(path, limit):
             row = dict(doc=doc.id, ratio=ratio, prior=prior, ctx_rel=ctx.heldout_rel_error,
                        ctx_logmass=ctx.heldout_log_mass_error, rep_rel=rep.heldout_rel_error,
                        rep_logmass=rep.heldout_log_mass_error)
-            rows.append(row); print(json.dumps(row), flush=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print(f"# {doc.id} {time.time() - t0:.0f}s", flush=True)
-    json.dump(rows, open(out, "w"))
+    Path(out).write_text(json.dumps(rows))

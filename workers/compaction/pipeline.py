@@ -71,8 +71,8 @@ class CompactionConfig:
     value_ridge: float = 0.1
     beta_upper: float = solvers.DEFAULT_BETA_BOUNDS[1]
     # Pull of exp(beta) towards 1 in the mass fit, relative to the mass gram's mean diagonal; 0 is the paper's NNLS.
-    # 1.0 had the lower or equal answer log-ppl in five of six CPU cells (two stories, two needle documents) and
-    # lost one needle answer of five; not yet measured on the GPU sets (docs/quality.md, session 7).
+    # On the H200 sets (docs/quality.md, session 8) about 10 puts AM ahead of H2O on story questions from 10x to 50x
+    # and costs needle answers at 10x (18/40 -> 11/40), so the default stays 0; POST /v1/compact exposes it.
     beta_prior: float = 0.0
     nnls_iterations: int = 2
     # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
