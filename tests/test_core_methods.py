@@ -11,10 +11,11 @@ import torch
 from tests.core_helpers import DOCUMENT, tiny
 from workers.compaction import budgets, solvers
 from workers.compaction.context import ContextError
+from workers.compaction.generation import stream_generate
 from workers.compaction.methods import (METHOD_NAMES, FitSettings, HeadBlock, fit_block, keep_original,
                                        keep_whole_heads, make_method)
 from workers.compaction.pipeline import (CompactionConfig, CompactionConfigError, compact_context, compact_prepared,
-                                         prepare_context)
+                                         full_context, prepare_context, probe_logprob)
 from workers.compaction.timing import PhaseTimer
 from workers.models import loading
 from workers.models.loading import UnsupportedModelError, load_model
@@ -237,6 +238,31 @@ def test_beta_prior_pulls_the_mass_weights_towards_one_by_its_strength():
     assert torch.all(torch.stack([free, mild, strong])[..., 4] == 0)
 
 
+def test_beta_prior_choices_keep_the_fit_that_best_predicts_the_full_caches_probe_answers(prepared_llama):
+    """Each candidate prior is fitted; the kept cache is exactly that prior's own fit, chosen by the probe score."""
+    lm, prepared = prepared_llama
+    chosen = run(prepared_llama, "am", beta_prior_choices=("0", "1e4")).compacted
+    scores = chosen.meta["probe_logprobs"]
+    assert set(scores) == {"0", "10000"} and prepared.probes  # text overrides are read as numbers
+    best = max(scores, key=scores.get)
+    assert chosen.meta["params"]["beta_prior"] == float(best)
+    for prior, score in scores.items():
+        alone = run(prepared_llama, "am", beta_prior=float(prior)).compacted
+        assert "probe_logprobs" not in alone.meta
+        assert probe_logprob(lm, alone, prepared.probes) == pytest.approx(score, abs=1e-5)
+        same = all(torch.equal(a.beta, b.beta) and torch.equal(a.values, b.values)
+                   for a, b in zip(chosen.layers, alone.layers))
+        assert same == (prior == best)  # the two priors give different betas, so only the chosen one matches
+
+
+def test_probe_answers_are_the_full_caches_greedy_answers(prepared_llama):
+    lm, prepared = prepared_llama
+    probes = prepared.probe_answers(lm, 128)
+    assert probes and all(prompt and answer for prompt, answer in probes)
+    prompt, answer = probes[0]
+    assert list(stream_generate(lm, full_context(lm, DOCUMENT), prompt, len(answer))) == answer
+
+
 def test_value_fit_shrinks_unattended_keys_towards_their_original_values():
     """A kept key no reference query attends to (a needle, say) keeps its original value under the default prior;
     plain ridge would zero it. Attended keys are fitted to the targets either way."""
@@ -274,6 +300,7 @@ def test_profile_budgets_follow_proportions_within_limits():
     (CompactionConfig(keep_ratio=0.1, max_ratio_per_head=0), "max_ratio_per_head"),
     (CompactionConfig(keep_ratio=0.1, uniform_floor=1.5), "uniform_floor"),
     (CompactionConfig(keep_ratio=0.1, profile_prior=-1.0), "profile_prior"),
+    (CompactionConfig(keep_ratio=0.1, beta_prior_choices=("0", "-1")), "beta_prior_choices"),
 ])
 def test_bad_budgets_and_options_get_clear_errors(config, message):
     with pytest.raises(CompactionConfigError, match=message):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ from workers.compaction.forward import chunked_forward
 from workers.compaction.methods import METHOD_NAMES, BlockFit, FitSettings, HeadBlock, fit_block, make_method
 from workers.compaction.queries import KeyImportance, QueryRecorder, attention_modules
 from workers.compaction.reconstruction import ReconstructionMeter
+from workers.compaction.generation import answer_logprob
 from workers.compaction.reference import (QUERY_SOURCES, ReferenceQueries, capture_passes, context_positions,
-                                          plan_passes)
+                                          plan_passes, probe_answers)
 from workers.compaction.timing import PhaseTimer
 from workers.compaction.types import CompactedKV, CompactedLayer
 
@@ -74,6 +75,9 @@ class CompactionConfig:
     # On the H200 sets (docs/quality.md, session 8) about 10 puts AM ahead of H2O on story questions from 10x to 50x
     # and costs needle answers at 10x (18/40 -> 11/40), so the default stays 0; POST /v1/compact exposes it.
     beta_prior: float = 0.0
+    # Fit once per prior listed here and keep the fit under which the full cache's own greedy answers to the
+    # self-study tasks are most likely (probe_answers): a per-document choice of beta_prior. Empty: beta_prior as set.
+    beta_prior_choices: tuple[float, ...] = ()
     nnls_iterations: int = 2
     # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
     # head keeps exactly its share of the global top-k; "rms" (the paper's within-head score) is the alternative.
@@ -88,6 +92,13 @@ class CompactionConfig:
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Overrides arrive as text (`am[beta_prior_choices=0+10]`); a bad number is a config error, not a crash.
+        try:
+            self.beta_prior_choices = tuple(float(prior) for prior in self.beta_prior_choices)
+        except (TypeError, ValueError) as exc:
+            raise CompactionConfigError(f"beta_prior_choices must be numbers: {exc}") from exc
 
     def validate(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -109,8 +120,8 @@ class CompactionConfig:
             raise CompactionConfigError("value_prior must be original or zero")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise CompactionConfigError("chunk_tokens must be positive")
-        if self.beta_prior < 0:
-            raise CompactionConfigError(f"beta_prior must be >= 0, got {self.beta_prior}")
+        if self.beta_prior < 0 or any(prior < 0 for prior in self.beta_prior_choices):
+            raise CompactionConfigError("beta_prior and beta_prior_choices must be >= 0")
         if self.profile_prior < 0:
             raise CompactionConfigError(f"profile_prior must be >= 0, got {self.profile_prior}")
         if not 0 <= self.uniform_floor <= 1:
@@ -168,6 +179,8 @@ class PreparedContext:
     passes: list
     seconds: dict[str, float]
     importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, span) KVzip scores
+    probes: list[tuple[list[int], list[int]]] | None = None  # probe_answers, made on first use
+    probe_seconds: float = 0.0
 
     @property
     def span(self) -> torch.Tensor:
@@ -195,6 +208,15 @@ class PreparedContext:
                                    "max", normalizer)
                 for start in range(0, span_keys.shape[1], KEY_BLOCK)], dim=1)
         return self.importance[layer]
+
+    def probe_answers(self, lm, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
+        """The full cache's greedy answers to the self-study tasks (generated once per context)."""
+        if self.probes is None:
+            timer = PhaseTimer(lm.device)
+            with timer.phase("probes"):
+                self.probes = probe_answers(lm, self.cache, self.rendered, max_new_tokens)
+            self.probe_seconds = timer.seconds["probes"]
+        return self.probes
 
     def fit_queries(self, layer: int) -> torch.Tensor:
         parts = [refs.fit_queries(layer) for refs in (self.context_queries, self.pass_queries) if layer in refs.fit]
@@ -365,10 +387,17 @@ def _on_policy_queries(lm, prepared: PreparedContext, done: dict[int, CompactedL
     return torch.cat(parts + [fresh.fit_queries(layer)], dim=1)
 
 
-def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) -> CompactionResult:
-    """Compact an already prepared context with `config` (method, budget, ratio...)."""
-    config.validate()
-    timer = PhaseTimer(lm.device)
+@dataclass
+class _Fitted:
+    """One fit of every compactable layer, before it is reported."""
+
+    compacted: CompactedKV
+    meter: ReconstructionMeter
+    budgets: list[list[int]]  # document slots kept, per compacted layer per KV head
+
+
+def _fit_layers(lm, prepared: PreparedContext, config: CompactionConfig, timer: PhaseTimer) -> _Fitted:
+    """Budgets, then every compactable layer's fit (chunk by chunk), assembled into a CompactedKV."""
     method = make_method(config.method, FitSettings(beta_upper=config.beta_upper, beta_prior=config.beta_prior,
                                                     value_ridge=config.value_ridge,
                                                     nnls_iterations=config.nnls_iterations,
@@ -410,18 +439,56 @@ def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) ->
     params = {k: v for k, v in asdict(config).items() if k not in ("profile_path",)}
     compacted = CompactedKV(layers=compacted_layers, original_length=len(prepared.rendered.ids),
                             meta={"roles": prepared.rendered.roles, "method": config.method, "params": params})
-    input_tokens = len(prepared.rendered.ids)
-    retained = compacted.retained_slots()
-    full_slots = input_tokens * len(cache_layers) * _num_kv_heads(lm)
+    heads = _num_kv_heads(lm)
+    return _Fitted(compacted, meter,
+                   [[int(sum(b[layer][h] for b in chunk_budgets)) for h in range(heads)] for layer in layers])
+
+
+def probe_logprob(lm, compacted: CompactedKV, probes: list[tuple[list[int], list[int]]]) -> float:
+    """Mean per-token log-prob of the probe answers under `compacted` (higher: closer to the full cache)."""
+    return sum(answer_logprob(lm, compacted, prompt, answer) for prompt, answer in probes) / len(probes)
+
+
+def _fit_choosing_prior(lm, prepared: PreparedContext, config: CompactionConfig, timer: PhaseTimer) -> _Fitted:
+    """One fit per prior of `beta_prior_choices`; the one whose cache best predicts the probe answers is kept, with
+    every prior's score in its meta (`probe_logprobs`). Only beta and the values depend on the prior, but each
+    candidate is fitted whole: the key selection is a small share of the fit."""
+    probes = prepared.probe_answers(lm, config.self_study_tokens)
+    if not probes:  # the model answered no task: nothing to choose with
+        return _fit_layers(lm, prepared, replace(config, beta_prior_choices=()), timer)
+    scores: dict[float, float] = {}
+    best, best_score = None, float("-inf")
+    for prior in dict.fromkeys(config.beta_prior_choices):
+        fitted = _fit_layers(lm, prepared, replace(config, beta_prior=prior), timer)
+        with timer.phase("probes"):
+            scores[prior] = probe_logprob(lm, fitted.compacted, probes)
+        if best is None or scores[prior] > best_score:  # ties keep the earlier prior
+            best, best_score = fitted, scores[prior]
+    best.compacted.meta["probe_logprobs"] = {f"{prior:g}": round(score, 6) for prior, score in scores.items()}
+    return best
+
+
+def compact_prepared(lm, prepared: PreparedContext, config: CompactionConfig) -> CompactionResult:
+    """Compact an already prepared context with `config` (method, budget, ratio...)."""
+    config.validate()
+    timer = PhaseTimer(lm.device)
     seconds = dict(prepared.seconds)
+    if config.beta_prior_choices:
+        fitted = _fit_choosing_prior(lm, prepared, config, timer)
+        seconds["probes"] = prepared.probe_seconds  # generated once per context, charged to every row that uses it
+    else:
+        fitted = _fit_layers(lm, prepared, config, timer)
     for name, value in timer.as_dict().items():
         seconds[name] = seconds.get(name, 0.0) + value
+    compacted = fitted.compacted
+    input_tokens = len(prepared.rendered.ids)
+    retained = compacted.retained_slots()
+    full_slots = input_tokens * len(prepared.cache.layers) * _num_kv_heads(lm)
     return CompactionResult(
-        compacted=compacted, input_tokens=input_tokens, compactable_tokens=span.numel(), retained_slots=retained,
-        compaction_ratio=full_slots / retained, phase_seconds=seconds,
-        heldout_rel_error=meter.rel_error(), heldout_log_mass_error=meter.log_mass_error(),
-        heldout_head_errors=meter.head_rel_errors(),
-        budgets=[[int(sum(b[layer][h] for b in chunk_budgets)) for h in range(_num_kv_heads(lm))] for layer in layers])
+        compacted=compacted, input_tokens=input_tokens, compactable_tokens=prepared.span.numel(),
+        retained_slots=retained, compaction_ratio=full_slots / retained, phase_seconds=seconds,
+        heldout_rel_error=fitted.meter.rel_error(), heldout_log_mass_error=fitted.meter.log_mass_error(),
+        heldout_head_errors=fitted.meter.head_rel_errors(), budgets=fitted.budgets)
 
 
 def compact_context(lm, context: str | list[dict], config: CompactionConfig) -> CompactionResult:

@@ -81,15 +81,30 @@ def repeat_pass_ids(tokenizer, rendered: RenderedContext) -> list[int]:
     return prompt + rendered.compactable_ids()
 
 
-def self_study_pass_ids(lm, cache, rendered: RenderedContext, max_new_tokens: int, seed: int) -> list[list[int]]:
-    """One pass per synthetic task: its prompt plus the model's own (sampled) answer."""
-    passes = []
+def self_study_answers(lm, cache, rendered: RenderedContext, max_new_tokens: int, temperature: float,
+                       seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the model's own answer ids) for every synthetic task, answered from the full `cache`."""
+    pairs = []
     for index, prompt in enumerate(SELF_STUDY_PROMPTS):
         prompt_ids = continuation_ids(lm.tokenizer, rendered.roles, [{"role": "user", "content": prompt}])
-        answer = list(decode(lm, fork_cache(cache), prompt_ids, max_new_tokens, temperature=0.7, top_p=0.8,
+        answer = list(decode(lm, fork_cache(cache), prompt_ids, max_new_tokens, temperature=temperature, top_p=0.8,
                              seed=seed + index))
-        passes.append(prompt_ids + answer)
-    return passes
+        pairs.append((prompt_ids, answer))
+    return pairs
+
+
+def self_study_pass_ids(lm, cache, rendered: RenderedContext, max_new_tokens: int, seed: int) -> list[list[int]]:
+    """One pass per synthetic task: its prompt plus the model's own (sampled) answer."""
+    return [prompt + answer for prompt, answer in
+            self_study_answers(lm, cache, rendered, max_new_tokens, temperature=0.7, seed=seed)]
+
+
+def probe_answers(lm, cache, rendered: RenderedContext, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """The full cache's greedy answers to the synthetic tasks: what a compacted cache should still predict. Greedy,
+    so they are not the (sampled) self-study passes the fit may have used, and the eval's log-ppl is of greedy
+    answers too. Tasks the model answers with nothing are dropped."""
+    pairs = self_study_answers(lm, cache, rendered, max_new_tokens, temperature=0.0, seed=0)
+    return [(prompt, answer) for prompt, answer in pairs if answer]
 
 
 def plan_passes(lm, cache, rendered: RenderedContext, sources: tuple[str, ...], tokens_per_source: int,

@@ -39,6 +39,7 @@ class BuiltContext:
     retained_slots: int | None = None
     padded_slots: int | None = None
     bytes: int | None = None
+    probe_logprobs: dict[str, float] | None = None  # per beta_prior candidate, where the compaction chose one
 
     def with_phase(self, phase: str, seconds: float) -> BuiltContext:
         """A copy that also counts an earlier phase (e.g. generating the summary that was then cached)."""
@@ -131,7 +132,7 @@ class InProcessBackend:
     def _built(self, kv: CompactedKV, seconds: float, input_tokens: int, phases: dict[str, float]) -> BuiltContext:
         return BuiltContext(handle=kv, seconds=seconds, input_tokens=input_tokens, phase_seconds=phases,
                             retained_slots=kv.retained_slots(), padded_slots=kv.padded_slots(),
-                            bytes=cache_bytes(kv))
+                            bytes=cache_bytes(kv), probe_logprobs=kv.meta.get("probe_logprobs"))
 
     def full(self, text: str) -> BuiltContext:
         start = time.perf_counter()

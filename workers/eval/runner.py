@@ -106,7 +106,8 @@ class _DocumentEval:
                 "input_tokens": self.full.input_tokens,  # the document's, whatever the method compacted
                 "retained_slots": context.retained_slots, "padded_slots": context.padded_slots,
                 "bytes": context.bytes,
-                "compaction_seconds": context.seconds, "phase_seconds": context.phase_seconds, "questions": rows}
+                "compaction_seconds": context.seconds, "phase_seconds": context.phase_seconds,
+                "probe_logprobs": context.probe_logprobs, "questions": rows}
 
 
 def _plan_units(plan: EvalPlan) -> Iterator[tuple[str, Document, tuple[Question, ...], MethodSpec, float]]:
