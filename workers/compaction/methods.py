@@ -126,10 +126,7 @@ class ScoredEviction(CompactionMethod):
 
     def fit(self, block: HeadBlock, budgets: torch.Tensor, timer: PhaseTimer) -> BlockFit:
         with timer.phase("key_selection"):
-            scores = self.scores(block)
-            if self.pool_kernel:
-                scores = F.max_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, 0]
-            indices, active = solvers.select_top(scores, budgets)
+            indices, active = solvers.select_top(solvers.pool_scores(self.scores(block), self.pool_kernel), budgets)
         return keep_original(block, indices, active)
 
 

@@ -82,6 +82,9 @@ class CompactionConfig:
     # Keys are chosen by the same context-normalised max-attention score the global budget is allocated from, so a
     # head keeps exactly its share of the global top-k; "rms" (the paper's within-head score) is the alternative.
     key_score: str = "max"
+    # Max-pool each head's key importance over this many neighbouring tokens (odd; 0 = off) before budgets and key
+    # selection, so multi-token facts are kept whole (solvers.pool_scores). Measured in docs/quality.md (session 10).
+    score_pool: int = 0
     # The value fit's ridge pulls towards the kept keys' original values, so keys the reference queries barely
     # attend to keep their values; "zero" is plain ridge regression.
     value_prior: str = "original"
@@ -122,6 +125,8 @@ class CompactionConfig:
             raise CompactionConfigError("chunk_tokens must be positive")
         if self.beta_prior < 0 or any(prior < 0 for prior in self.beta_prior_choices):
             raise CompactionConfigError("beta_prior and beta_prior_choices must be >= 0")
+        if self.score_pool < 0 or (self.score_pool > 1 and self.score_pool % 2 == 0):
+            raise CompactionConfigError(f"score_pool must be 0 or an odd kernel size, got {self.score_pool}")
         if self.profile_prior < 0:
             raise CompactionConfigError(f"profile_prior must be >= 0, got {self.profile_prior}")
         if not 0 <= self.uniform_floor <= 1:
@@ -208,6 +213,11 @@ class PreparedContext:
                                    "max", normalizer)
                 for start in range(0, span_keys.shape[1], KEY_BLOCK)], dim=1)
         return self.importance[layer]
+
+    def context_scores(self, lm, layer: int, chunk: slice, pool: int) -> torch.Tensor:
+        """One chunk's `key_importance`, max-pooled over `pool` neighbouring keys of the whole span first (so a
+        chunk edge does not cut a pooling window)."""
+        return solvers.pool_scores(self.key_importance(lm, layer), pool)[:, chunk]
 
     def probe_answers(self, lm, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
         """The full cache's greedy answers to the self-study tasks (generated once per context)."""
@@ -306,14 +316,16 @@ def load_profile(lm, config: CompactionConfig) -> torch.Tensor:
 
 
 def _block(lm, prepared: PreparedContext, layer: int, chunk: slice, queries: torch.Tensor,
-           with_scores: bool) -> HeadBlock:
+           score_pool: int | None) -> HeadBlock:
+    """One layer's keys, values and queries for `chunk`; with its (pooled) context scores unless score_pool is None."""
     cache_layer = prepared.cache.layers[layer]
     positions = prepared.span[chunk]
     index = positions.to(cache_layer.keys.device)
     return HeadBlock(keys=cache_layer.keys[0][:, index], values=cache_layer.values[0][:, index],
                      queries=queries.to(cache_layer.keys.device), scaling=attention_modules(lm.model)[layer].scaling,
                      positions=positions,
-                     context_scores=prepared.key_importance(lm, layer)[:, chunk] if with_scores else None)
+                     context_scores=None if score_pool is None else prepared.context_scores(lm, layer, chunk,
+                                                                                             score_pool))
 
 
 def budget_profile(lm, mode: str, config: CompactionConfig) -> torch.Tensor | None:
@@ -337,7 +349,7 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: sl
     elif mode == "profile":
         flat = budget_rules.profile_budgets(profile, total, floor, cap)
     else:
-        scores = torch.cat([prepared.key_importance(lm, layer)[:, chunk].cpu() for layer in layers])
+        scores = torch.cat([prepared.context_scores(lm, layer, chunk, config.score_pool).cpu() for layer in layers])
         weights = None
         if config.profile_prior > 0:
             weights = (profile * len(layers) * heads) ** config.profile_prior
@@ -427,7 +439,7 @@ def _fit_layers(lm, prepared: PreparedContext, config: CompactionConfig, timer: 
         heldout = prepared.heldout_queries(layer)
         fits = []
         for chunk, budgets in zip(chunks, chunk_budgets):
-            block = _block(lm, prepared, layer, chunk, queries, with_scores=needs_context_scores)
+            block = _block(lm, prepared, layer, chunk, queries, config.score_pool if needs_context_scores else None)
             fit = fit_block(method, block, budgets[layer], timer)
             fits.append(fit)
             if heldout.shape[1]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 RIDGE_FLOOR = 1e-12
 # w = exp(beta) in [e^-3, e^7]: one kept key may stand in for up to ~1,100 dropped keys' mass (50x needs more
@@ -69,6 +70,16 @@ def max_attention_weights(queries: torch.Tensor, keys: torch.Tensor, scaling: fl
     withdrawn."""
     logits = attention_logits(queries, keys, scaling)
     return key_scores(logits, "max", log_mass(logits))
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Each key's score raised to the best within `kernel` neighbouring keys (odd; 0 or 1: unchanged): (H, T).
+
+    SnapKV's clustering: a kept key brings its neighbours, so a multi-token fact (a 7-digit number is 7 tokens) is
+    kept whole or not at all instead of losing the digits the reference queries happened to look at least."""
+    if kernel <= 1:
+        return scores
+    return F.max_pool1d(scores[:, None].float(), kernel, stride=1, padding=kernel // 2)[:, 0].to(scores.dtype)
 
 
 def select_top(scores: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
