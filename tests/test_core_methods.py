@@ -345,3 +345,12 @@ def test_messages_and_tool_outputs_compact_only_their_content():
     result = compact_context(lm, messages, CompactionConfig(keep_ratio=0.2))
     assert result.compacted.meta["roles"] == ["system", "user", "tool"]
     assert result.compactable_tokens == sum(len(lm.tokenizer(m["content"])["input_ids"]) for m in messages)
+
+
+def test_pool_scores_keeps_a_top_key_neighbours_and_bad_kernels_are_config_errors():
+    scores = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 1.0]])
+    assert solvers.pool_scores(scores, 3).tolist() == [[0.0, 5.0, 5.0, 5.0, 1.0, 1.0]]
+    assert torch.equal(solvers.pool_scores(scores, 0), scores)
+    for kernel in (-1, 4):
+        with pytest.raises(CompactionConfigError):
+            CompactionConfig(score_pool=kernel).validate()
