@@ -28,6 +28,10 @@ MAX_TTL_SECONDS = 30 * 24 * 3600
 # mass fit's ridge to inf.
 MAX_BETA_PRIOR = 1e4
 MAX_STOP_SEQUENCES = 4
+# Each hint is answered from the full cache before the compaction (up to 64 tokens each): the bounds keep that cost
+# a small share of the compaction's.
+MAX_HINTS = 16
+MAX_HINT_CHARS = 4000
 # OpenAI's limits on `metadata`.
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_CHARS = 64
@@ -123,6 +127,10 @@ class CompactRequest(BaseModel):
     # (best for exact retrieval: needles, key-value lookups); about 10 suits narrative questions, where beta fitted on
     # repeat-pass queries costs answer log-likelihood (docs/quality.md, session 8).
     beta_prior: float = Field(default=0.0, ge=0, le=MAX_BETA_PRIOR)
+    # Questions or tasks the caller expects to ask of the compacted context (CompactionConfig.hints): the keys that
+    # answering them attends to are kept first. Optional; without them the compaction is question-agnostic.
+    hints: list[Annotated[str, Field(min_length=1, max_length=MAX_HINT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_HINTS)
     ttl_seconds: int = Field(default=DEFAULT_TTL_SECONDS, ge=1, le=MAX_TTL_SECONDS)
     background: bool = False
     metadata: dict[str, str] | None = None

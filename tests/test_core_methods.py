@@ -354,3 +354,31 @@ def test_pool_scores_keeps_a_top_key_neighbours_and_bad_kernels_are_config_error
     for kernel in (-1, 4):
         with pytest.raises(CompactionConfigError):
             CompactionConfig(score_pool=kernel).validate()
+
+
+def test_prioritise_puts_hinted_keys_first_and_keeps_the_rest_in_order():
+    scores = torch.tensor([[0.9, 0.95, 0.2, 0.8]])
+    hint = torch.tensor([[0.0, 0.0, 0.6, 0.001]])
+    raised = solvers.prioritise(scores, hint, 1000.0)
+    assert raised.argsort(descending=True).tolist() == [[2, 3, 1, 0]]  # hinted first, then the repeat pass's order
+    assert torch.equal(solvers.prioritise(scores, hint, 1.0), torch.tensor([[0.9, 0.95, 0.6, 0.8]]))
+
+
+def test_hints_are_answered_from_the_full_cache_and_steer_the_kept_keys():
+    """A hint's pass scores keys; the compaction with hints keeps other keys than without, and only through the
+    scores: the prepared reference queries (what the fit uses) are the same."""
+    lm = tiny("llama")
+    config = CompactionConfig(max_queries_per_head=1024, hints=("Which colour is mentioned?",), hint_answer_tokens=8)
+    hinted = prepare_context(lm, DOCUMENT, config)
+    plain = prepare_context(lm, DOCUMENT, CompactionConfig(max_queries_per_head=1024))
+    assert "hints" in hinted.seconds and set(hinted.hint_importance) == set(hinted.importance) and not plain.hint_importance
+    layer = hinted.compactable_layers[0]
+    assert torch.equal(hinted.fit_queries(layer), plain.fit_queries(layer))
+    assert hinted.hint_importance[layer].shape == hinted.importance[layer].shape
+    kept = [compact_prepared(lm, prepared, CompactionConfig(keep_ratio=0.2, max_queries_per_head=1024)).budgets
+            for prepared in (hinted, plain)]
+    assert kept[0] != kept[1]
+    for bad in ({"hints": ("",)}, {"hint_weight": 0.5}, {"hint_answer_tokens": 0}):
+        with pytest.raises(CompactionConfigError):
+            CompactionConfig(**bad).validate()
+

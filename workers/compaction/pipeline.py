@@ -26,7 +26,7 @@ from workers.compaction.queries import KeyImportance, QueryRecorder, attention_m
 from workers.compaction.reconstruction import ReconstructionMeter
 from workers.compaction.generation import answer_logprob
 from workers.compaction.reference import (QUERY_SOURCES, ReferenceQueries, capture_passes, context_positions,
-                                          plan_passes, probe_answers)
+                                          hint_passes, plan_passes, probe_answers)
 from workers.compaction.timing import PhaseTimer
 from workers.compaction.types import CompactedKV, CompactedLayer
 
@@ -95,6 +95,13 @@ class CompactionConfig:
     prefill_chunk_tokens: int = 4096
     profile_path: str | None = None
     seed: int = 0
+    # Questions or tasks the caller expects to ask of the compacted context. Each is answered once from the full cache
+    # and the keys that the hint and its answer attend to are scored like the repeat pass's, times hint_weight
+    # (solvers.prioritise), so they come first in the budget and within each head. Knowing the questions kept 2 of 5
+    # needle answers at keep 0.02 where the repeat pass alone kept none (docs/quality.md, session 12).
+    hints: tuple[str, ...] = ()
+    hint_weight: float = 1000.0
+    hint_answer_tokens: int = 64
 
     def __post_init__(self) -> None:
         # Overrides arrive as text (`am[beta_prior_choices=0+10]`); a bad number is a config error, not a crash.
@@ -102,6 +109,9 @@ class CompactionConfig:
             self.beta_prior_choices = tuple(float(prior) for prior in self.beta_prior_choices)
         except (TypeError, ValueError) as exc:
             raise CompactionConfigError(f"beta_prior_choices must be numbers: {exc}") from exc
+        if isinstance(self.hints, str):  # one hint given bare
+            self.hints = (self.hints,)
+        self.hints = tuple(self.hints)
 
     def validate(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -127,6 +137,12 @@ class CompactionConfig:
             raise CompactionConfigError("beta_prior and beta_prior_choices must be >= 0")
         if self.score_pool < 0 or (self.score_pool > 1 and self.score_pool % 2 == 0):
             raise CompactionConfigError(f"score_pool must be 0 or an odd kernel size, got {self.score_pool}")
+        if not all(isinstance(hint, str) and hint.strip() for hint in self.hints):
+            raise CompactionConfigError("hints must be non-empty strings")
+        if self.hint_weight < 1:
+            raise CompactionConfigError(f"hint_weight must be >= 1, got {self.hint_weight}")
+        if self.hint_answer_tokens < 1:
+            raise CompactionConfigError(f"hint_answer_tokens must be at least 1, got {self.hint_answer_tokens}")
         if self.profile_prior < 0:
             raise CompactionConfigError(f"profile_prior must be >= 0, got {self.profile_prior}")
         if not 0 <= self.uniform_floor <= 1:
@@ -137,7 +153,7 @@ class CompactionConfig:
     def preparation_key(self) -> tuple:
         """The fields `prepare_context` depends on: contexts prepared under equal keys can be shared."""
         return (tuple(self.query_sources), self.max_queries_per_head, self.heldout_queries_per_head,
-                self.self_study_tokens, self.prefill_chunk_tokens, self.seed)
+                self.self_study_tokens, self.prefill_chunk_tokens, self.seed, self.hints, self.hint_answer_tokens)
 
     def keep_ratio_for(self, compactable_tokens: int) -> float:
         """The fraction of compactable tokens to keep; a budget of zero slots or above the length is an error."""
@@ -184,6 +200,7 @@ class PreparedContext:
     passes: list
     seconds: dict[str, float]
     importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, span) KVzip scores
+    hint_importance: dict[int, torch.Tensor] = field(default_factory=dict)  # the same, over the hint passes only
     probes: list[tuple[list[int], list[int]]] | None = None  # probe_answers, made on first use
     probe_seconds: float = 0.0
 
@@ -214,10 +231,13 @@ class PreparedContext:
                 for start in range(0, span_keys.shape[1], KEY_BLOCK)], dim=1)
         return self.importance[layer]
 
-    def context_scores(self, lm, layer: int, chunk: slice, pool: int) -> torch.Tensor:
-        """One chunk's `key_importance`, max-pooled over `pool` neighbouring keys of the whole span first (so a
-        chunk edge does not cut a pooling window)."""
-        return solvers.pool_scores(self.key_importance(lm, layer), pool)[:, chunk]
+    def context_scores(self, lm, layer: int, chunk: slice, pool: int, hint_weight: float) -> torch.Tensor:
+        """One chunk's `key_importance`, raised by the hints' (`solvers.prioritise`) where there are any, then
+        max-pooled over `pool` neighbouring keys of the whole span (so a chunk edge does not cut a pooling window)."""
+        scores = self.key_importance(lm, layer)
+        if layer in self.hint_importance:
+            scores = solvers.prioritise(scores, self.hint_importance[layer], hint_weight)
+        return solvers.pool_scores(scores, pool)[:, chunk]
 
     def probe_answers(self, lm, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
         """The full cache's greedy answers to the self-study tasks (generated once per context)."""
@@ -276,12 +296,17 @@ def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> 
     with timer.phase("queries"):
         passes = plan_passes(lm, cache, rendered, tuple(config.query_sources), tokens_per_source, heldout_tokens,
                              config.self_study_tokens, generator, config.seed)
-        importance = KeyImportance(lm.model, {i: cache.layers[i].keys[0] for i in compactable_layer_indices(cache)},
-                                   rendered.span(), num_kv_heads)
+        context_keys = {i: cache.layers[i].keys[0] for i in compactable_layer_indices(cache)}
+        importance = KeyImportance(lm.model, context_keys, rendered.span(), num_kv_heads)
         capture_passes(lm, cache, passes, pass_queries, num_kv_heads, config.prefill_chunk_tokens,
                        importance=importance)
+    hint_importance = KeyImportance(lm.model, context_keys, rendered.span(), num_kv_heads)
+    if config.hints:
+        with timer.phase("hints"):
+            capture_passes(lm, cache, hint_passes(lm, cache, rendered, config.hints, config.hint_answer_tokens), None,
+                           num_kv_heads, config.prefill_chunk_tokens, importance=hint_importance)
     return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict(),
-                           importance=importance.scores)
+                           importance=importance.scores, hint_importance=hint_importance.scores)
 
 
 def _chunks(span_length: int, chunk_tokens: int | None) -> list[slice]:
@@ -316,16 +341,17 @@ def load_profile(lm, config: CompactionConfig) -> torch.Tensor:
 
 
 def _block(lm, prepared: PreparedContext, layer: int, chunk: slice, queries: torch.Tensor,
-           score_pool: int | None) -> HeadBlock:
-    """One layer's keys, values and queries for `chunk`; with its (pooled) context scores unless score_pool is None."""
+           scoring: CompactionConfig | None) -> HeadBlock:
+    """One layer's keys, values and queries for `chunk`; with its context scores as `scoring` sets them (None: the
+    method does not use them)."""
     cache_layer = prepared.cache.layers[layer]
     positions = prepared.span[chunk]
     index = positions.to(cache_layer.keys.device)
     return HeadBlock(keys=cache_layer.keys[0][:, index], values=cache_layer.values[0][:, index],
                      queries=queries.to(cache_layer.keys.device), scaling=attention_modules(lm.model)[layer].scaling,
                      positions=positions,
-                     context_scores=None if score_pool is None else prepared.context_scores(lm, layer, chunk,
-                                                                                             score_pool))
+                     context_scores=None if scoring is None else prepared.context_scores(
+                         lm, layer, chunk, scoring.score_pool, scoring.hint_weight))
 
 
 def budget_profile(lm, mode: str, config: CompactionConfig) -> torch.Tensor | None:
@@ -349,7 +375,7 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: sl
     elif mode == "profile":
         flat = budget_rules.profile_budgets(profile, total, floor, cap)
     else:
-        scores = torch.cat([prepared.context_scores(lm, layer, chunk, config.score_pool).cpu() for layer in layers])
+        scores = torch.cat([prepared.context_scores(lm, layer, chunk, config.score_pool, config.hint_weight).cpu() for layer in layers])
         weights = None
         if config.profile_prior > 0:
             weights = (profile * len(layers) * heads) ** config.profile_prior
@@ -439,7 +465,7 @@ def _fit_layers(lm, prepared: PreparedContext, config: CompactionConfig, timer: 
         heldout = prepared.heldout_queries(layer)
         fits = []
         for chunk, budgets in zip(chunks, chunk_budgets):
-            block = _block(lm, prepared, layer, chunk, queries, config.score_pool if needs_context_scores else None)
+            block = _block(lm, prepared, layer, chunk, queries, config if needs_context_scores else None)
             fit = fit_block(method, block, budgets[layer], timer)
             fits.append(fit)
             if heldout.shape[1]:

@@ -81,16 +81,30 @@ def repeat_pass_ids(tokenizer, rendered: RenderedContext) -> list[int]:
     return prompt + rendered.compactable_ids()
 
 
-def self_study_answers(lm, cache, rendered: RenderedContext, max_new_tokens: int, temperature: float,
-                       seed: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, the model's own answer ids) for every synthetic task, answered from the full `cache`."""
+def answers_from_context(lm, cache, rendered: RenderedContext, prompts: tuple[str, ...] | list[str],
+                         max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the model's own answer ids) for each prompt asked as the next user turn, answered from the full
+    `cache`: what the model does with the whole context, which a compaction should keep it able to do."""
     pairs = []
-    for index, prompt in enumerate(SELF_STUDY_PROMPTS):
+    for index, prompt in enumerate(prompts):
         prompt_ids = continuation_ids(lm.tokenizer, rendered.roles, [{"role": "user", "content": prompt}])
         answer = list(decode(lm, fork_cache(cache), prompt_ids, max_new_tokens, temperature=temperature, top_p=0.8,
                              seed=seed + index))
         pairs.append((prompt_ids, answer))
     return pairs
+
+
+def self_study_answers(lm, cache, rendered: RenderedContext, max_new_tokens: int, temperature: float,
+                       seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the model's own answer ids) for every synthetic task, answered from the full `cache`."""
+    return answers_from_context(lm, cache, rendered, SELF_STUDY_PROMPTS, max_new_tokens, temperature, seed)
+
+
+def hint_passes(lm, cache, rendered: RenderedContext, hints: tuple[str, ...], max_new_tokens: int) -> list[QueryPass]:
+    """One pass per hint (a question or task the caller expects to ask): the hint plus the full cache's greedy answer
+    to it, so the keys that answering it attends to can be scored. Only scored: no query of it is captured."""
+    return [QueryPass(ids=prompt + answer, positions=torch.zeros(0, dtype=torch.long))
+            for prompt, answer in answers_from_context(lm, cache, rendered, hints, max_new_tokens, 0.0, 0)]
 
 
 def self_study_pass_ids(lm, cache, rendered: RenderedContext, max_new_tokens: int, seed: int) -> list[list[int]]:
@@ -125,17 +139,18 @@ def plan_passes(lm, cache, rendered: RenderedContext, sources: tuple[str, ...], 
     return passes
 
 
-def capture_passes(lm, cache, passes: list[QueryPass], into: ReferenceQueries, num_kv_heads: int,
+def capture_passes(lm, cache, passes: list[QueryPass], into: ReferenceQueries | None, num_kv_heads: int,
                    chunk_tokens: int, layers: set[int] | None = None, stop_after_layer: int | None = None,
                    importance: KeyImportance | None = None) -> None:
-    """Run every pass on a fork of `cache` and add its queries (all layers, or `layers`) to `into`; with
-    `importance`, also score the context's keys on every token of the passes."""
+    """Run every pass on a fork of `cache` and add its queries (all layers, or `layers`) to `into` (None: capture
+    nothing); with `importance`, also score the context's keys on every token of the passes."""
     for query_pass in passes:
-        recorder = QueryRecorder(lm.model, layers=layers, stop_after_layer=stop_after_layer)
+        recorder = None if into is None else QueryRecorder(lm.model, layers=layers, stop_after_layer=stop_after_layer)
         capture, heldout_mask = query_pass.capture_positions()
-        with recorder.attached(), (importance.attached() if importance else nullcontext()):
+        with (recorder.attached() if recorder else nullcontext()), \
+                (importance.attached() if importance else nullcontext()):
             chunked_forward(lm.model, query_pass.ids, fork_cache(cache), chunk_tokens, recorder, capture)
-        for layer, pieces in recorder.captured.items():
+        for layer, pieces in (recorder.captured.items() if recorder else ()):
             into.add(layer, torch.cat(pieces, dim=1), heldout_mask, num_kv_heads)
 
 

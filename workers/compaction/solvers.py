@@ -82,6 +82,16 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     return F.max_pool1d(scores[:, None].float(), kernel, stride=1, padding=kernel // 2)[:, 0].to(scores.dtype)
 
 
+def prioritise(scores: torch.Tensor, hint_scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """Each key's importance raised to `weight` x its importance to the hint passes where that is larger: (H, T).
+
+    Scores are max attention weights in [0, 1]. With weight 2 every key a hint's answer gives more than half its
+    attention outranks every key the repeat pass alone wants, in the global budget and within each head: on the
+    repeat pass the copying heads give nearly every key a weight near 1, so without the factor the hinted keys are
+    lost among them (weight 1 kept none of a needle document's answers at keep 0.02, docs/quality.md)."""
+    return torch.maximum(scores, weight * hint_scores.to(scores.dtype))
+
+
 def select_top(scores: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head, the indices of its budgets[h] highest-scoring keys, padded to max(budgets): (indices, active)."""
     slots = int(budgets.max())

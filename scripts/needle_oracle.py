@@ -1,0 +1,138 @@
+"""Experiment (session 11, docs/quality.md): is AM's miss at 50x the key selection or the fit?
+
+Compacts one document at the given ratios four ways and answers its questions under each:
+- `am`: the default (keys scored and fitted on the repeat pass);
+- `oracle-keys`: key importance (budgets and selection) from the full cache's own question + answer tokens, fit on the
+  repeat pass: what a selection that knew the questions would keep;
+- `oracle-keys+fit`: the same keys, and the question + answer tokens' queries added to the fit;
+- `oracle-budgets` / `oracle-selection`: the oracle's importance for the per-head budgets only / for the choice of
+  keys within each head only (the other from the repeat pass), to tell which of the two the miss is;
+- `ss-keys` / `ss-budgets` / `ss-selection`: the same three splits with key importance from the self-study passes
+  (the model's own summary, fact list, JSON extraction and quiz of the document, sampled from the full cache) instead
+  of the oracle's: a query-agnostic candidate for what the oracle knows; `rs-selection`: keys chosen within each head
+  by the larger of the repeat and self-study importance, budgets from the repeat pass;
+- `oracle-union` / `oracle-priority`: importance the larger of the repeat pass's and the oracle's (x1 / x2), for
+  budgets and selection: the repeat pass's coverage with the questions' keys first; `question-priority`: the same x2
+  with the question tokens alone (no answer);
+- `hints`: the implementation of the above, CompactionConfig.hints = the question prompts (answered from the full
+  cache on their own) at the default hint_weight;
+- `am[max_ratio_per_head=CAP]` for each CAP given: the default with each head capped at CAP x its block.
+The oracle variants see the test questions: they bound what query-agnostic selection could reach, nothing more.
+
+usage: python scripts/needle_oracle.py DATASET.jsonl DOC_ID RATIO,RATIO,... [CAP,CAP,...] [--only NAME,NAME,...]
+(one JSON line per run)
+"""
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+from workers.compaction import pipeline
+from workers.compaction.pipeline import CompactionConfig, compact_prepared, prepare_context
+from workers.compaction.queries import KeyImportance
+from workers.compaction.reference import QueryPass, ReferenceQueries, capture_passes, plan_passes
+from workers.eval.backends import InProcessBackend
+from workers.eval.datasets import load_dataset
+from workers.eval.prompts import context_message, question_prompt
+from workers.eval.scoring import is_correct
+from workers.models.loading import load_model
+
+arguments = sys.argv[1:]
+only = None
+if "--only" in arguments:
+    at = arguments.index("--only")
+    only = set(arguments[at + 1].split(","))
+    del arguments[at:at + 2]
+path, doc_id = arguments[0], arguments[1]
+ratios = [float(r) for r in arguments[2].split(",")]
+caps = [float(c) for c in arguments[3].split(",")] if len(arguments) > 3 else []
+lm = load_model("bundled")
+backend = InProcessBackend(lm)
+document = {doc.id: doc for doc in load_dataset(path)}[doc_id]
+text = context_message(document)
+full = backend.full(text)
+prompts = [question_prompt(document, question) for question in document.questions]
+references = backend.generate_all(full, [(p.text, p.max_new_tokens) for p in prompts])
+prepared = prepare_context(lm, text, CompactionConfig())
+heads = lm.text_config.num_key_value_heads
+layers = prepared.compactable_layers
+
+
+
+def importance_of(passes: list[QueryPass]) -> dict[int, torch.Tensor]:
+    """KVzip key importance of the context's keys over every token of `passes` (run on forks of the full cache)."""
+    importance = KeyImportance(lm.model, {i: prepared.cache.layers[i].keys[0] for i in layers}, prepared.span, heads)
+    capture_passes(lm, prepared.cache, passes, ReferenceQueries(), heads, 4096, importance=importance)
+    return importance.scores
+
+
+question_passes = [QueryPass(ids=backend._prompt_ids(full, p.text) + list(r.token_ids),
+                             positions=torch.arange(len(backend._prompt_ids(full, p.text)) + len(r.token_ids)))
+                   for p, r in zip(prompts, references)]
+oracle_queries = ReferenceQueries()
+capture_passes(lm, prepared.cache, question_passes, oracle_queries, heads, 4096)
+self_study = plan_passes(lm, prepared.cache, prepared.rendered, ("self-study",), 1, 0, 128, torch.Generator(), 0)
+combined = ReferenceQueries(fit={layer: prepared.pass_queries.fit[layer] + oracle_queries.fit[layer]
+                                 for layer in layers},
+                            heldout=prepared.pass_queries.heldout)
+oracle = replace(prepared, importance=importance_of(question_passes))
+studied = replace(prepared, importance=importance_of(self_study))
+
+
+def merged(extra: dict[int, torch.Tensor], weight: float) -> pipeline.PreparedContext:
+    """The repeat pass's importance, raised to `weight` x `extra`'s where that is larger."""
+    return replace(prepared, importance={layer: torch.maximum(prepared.importance[layer], weight * extra[layer])
+                                         for layer in layers})
+
+
+question_only = [QueryPass(ids=backend._prompt_ids(full, p.text), positions=torch.arange(1)) for p in prompts]
+either = merged(studied.importance, 1.0)
+# name -> (prepared context, the one budgets are allocated from (None: the same), config overrides)
+variants = {"am": (prepared, None, {}),
+            "oracle-keys": (oracle, None, {}),
+            "oracle-budgets": (prepared, oracle, {}),
+            "oracle-selection": (oracle, prepared, {}),
+            "oracle-keys+fit": (replace(oracle, pass_queries=combined), None, {}),
+            "ss-keys": (studied, None, {}),
+            "ss-budgets": (prepared, studied, {}),
+            "ss-selection": (studied, prepared, {}),
+            "rs-selection": (either, prepared, {}),
+            "oracle-union": (merged(oracle.importance, 1.0), None, {}),
+            "oracle-priority": (merged(oracle.importance, 2.0), None, {}),
+            "question-priority": (merged(importance_of(question_only), 2.0), None, {})}
+if not only or "hints" in only:
+    variants["hints"] = (prepare_context(lm, text, CompactionConfig(hints=tuple(p.text for p in prompts))), None, {})
+variants.update({f"am[max_ratio_per_head={cap:g}]": (prepared, None, {"max_ratio_per_head": cap}) for cap in caps})
+
+
+allocate_budgets = pipeline.allocate_budgets
+budgets_from = None
+
+
+def allocate_from(lm, prepared, *args):
+    """pipeline.allocate_budgets, on `budgets_from`'s importance when a variant sets it."""
+    return allocate_budgets(lm, budgets_from or prepared, *args)
+
+
+pipeline.allocate_budgets = allocate_from
+
+
+def evaluate(kv) -> dict:
+    context = backend._built(kv, 0.0, full.input_tokens, {})
+    answers = backend.generate_all(context, [(p.text, p.max_new_tokens) for p in prompts])
+    logprobs = [backend.answer_logprob(context, p.text, r) for p, r in zip(prompts, references)]
+    return {"correct": sum(is_correct(q, a.text) for q, a in zip(document.questions, answers)),
+            "log_ppl": round(-sum(logprobs) / len(logprobs), 3), "answers": [a.text for a in answers]}
+
+
+print(json.dumps({"method": "full", **evaluate(full.handle)}), flush=True)
+for ratio in ratios:
+    for name, (context, budgets_from, overrides) in variants.items():
+        if only and name not in only:
+            continue
+        result = compact_prepared(lm, context, CompactionConfig(keep_ratio=ratio, **overrides))
+        top = sorted(((b, f"{layers[i]}.{h}") for i, row in enumerate(result.budgets) for h, b in enumerate(row)),
+                     reverse=True)[:4]
+        print(json.dumps({"method": name, "keep_ratio": ratio, "top_budgets": top, **evaluate(result.compacted)}),
+              flush=True)
