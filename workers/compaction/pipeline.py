@@ -97,7 +97,7 @@ class CompactionConfig:
     seed: int = 0
     # Questions or tasks the caller expects to ask of the compacted context. Each is answered once from the full cache
     # and the keys that the hint and its answer attend to are scored like the repeat pass's, times hint_weight
-    # (solvers.prioritise), so they come first in the budget and within each head. Knowing the questions kept 2 of 5
+    # (solvers.prioritise), so they come first in the budget and within each head. The questions as hints kept 6 of 20
     # needle answers at keep 0.02 where the repeat pass alone kept none (docs/quality.md, session 12).
     hints: tuple[str, ...] = ()
     hint_weight: float = 1000.0
