@@ -1,6 +1,6 @@
-"""Experiment (session 11, docs/quality.md): is AM's miss at 50x the key selection or the fit?
+"""Experiment (sessions 11-12, docs/quality.md): is AM's miss at 50x the key selection or the fit?
 
-Compacts one document at the given ratios four ways and answers its questions under each:
+Compacts one document at the given ratios several ways and answers its questions under each:
 - `am`: the default (keys scored and fitted on the repeat pass);
 - `oracle-keys`: key importance (budgets and selection) from the full cache's own question + answer tokens, fit on the
   repeat pass: what a selection that knew the questions would keep;
@@ -14,8 +14,8 @@ Compacts one document at the given ratios four ways and answers its questions un
 - `oracle-union` / `oracle-priority`: importance the larger of the repeat pass's and the oracle's (x1 / x2), for
   budgets and selection: the repeat pass's coverage with the questions' keys first; `question-priority`: the same x2
   with the question tokens alone (no answer);
-- `hints`: the implementation of the above, CompactionConfig.hints = the question prompts (answered from the full
-  cache on their own) at the default hint_weight;
+- `hints`: the implementation of the above (reference.hint_passes: the question prompts answered greedily from the
+  full cache) at the default hint_weight;
 - `am[max_ratio_per_head=CAP]` for each CAP given: the default with each head capped at CAP x its block.
 The oracle variants see the test questions: they bound what query-agnostic selection could reach, nothing more.
 
@@ -28,10 +28,10 @@ from dataclasses import replace
 
 import torch
 
-from workers.compaction import pipeline
+from workers.compaction import pipeline, solvers
 from workers.compaction.pipeline import CompactionConfig, compact_prepared, prepare_context
 from workers.compaction.queries import KeyImportance
-from workers.compaction.reference import QueryPass, ReferenceQueries, capture_passes, plan_passes
+from workers.compaction.reference import QueryPass, ReferenceQueries, capture_passes, hint_passes, plan_passes
 from workers.eval.backends import InProcessBackend
 from workers.eval.datasets import load_dataset
 from workers.eval.prompts import context_message, question_prompt
@@ -59,11 +59,11 @@ heads = lm.text_config.num_key_value_heads
 layers = prepared.compactable_layers
 
 
-
-def importance_of(passes: list[QueryPass]) -> dict[int, torch.Tensor]:
-    """KVzip key importance of the context's keys over every token of `passes` (run on forks of the full cache)."""
+def importance_of(passes: list[QueryPass], into: ReferenceQueries | None = None) -> dict[int, torch.Tensor]:
+    """KVzip key importance of the context's keys over every token of `passes` (run on forks of the full cache),
+    their queries added to `into` where given."""
     importance = KeyImportance(lm.model, {i: prepared.cache.layers[i].keys[0] for i in layers}, prepared.span, heads)
-    capture_passes(lm, prepared.cache, passes, ReferenceQueries(), heads, 4096, importance=importance)
+    capture_passes(lm, prepared.cache, passes, into, heads, 4096, importance=importance)
     return importance.scores
 
 
@@ -71,22 +71,22 @@ question_passes = [QueryPass(ids=backend._prompt_ids(full, p.text) + list(r.toke
                              positions=torch.arange(len(backend._prompt_ids(full, p.text)) + len(r.token_ids)))
                    for p, r in zip(prompts, references)]
 oracle_queries = ReferenceQueries()
-capture_passes(lm, prepared.cache, question_passes, oracle_queries, heads, 4096)
+oracle = replace(prepared, importance=importance_of(question_passes, oracle_queries))
 self_study = plan_passes(lm, prepared.cache, prepared.rendered, ("self-study",), 1, 0, 128, torch.Generator(), 0)
 combined = ReferenceQueries(fit={layer: prepared.pass_queries.fit[layer] + oracle_queries.fit[layer]
                                  for layer in layers},
                             heldout=prepared.pass_queries.heldout)
-oracle = replace(prepared, importance=importance_of(question_passes))
 studied = replace(prepared, importance=importance_of(self_study))
 
 
 def merged(extra: dict[int, torch.Tensor], weight: float) -> pipeline.PreparedContext:
     """The repeat pass's importance, raised to `weight` x `extra`'s where that is larger."""
-    return replace(prepared, importance={layer: torch.maximum(prepared.importance[layer], weight * extra[layer])
+    return replace(prepared, importance={layer: solvers.prioritise(prepared.importance[layer], extra[layer], weight)
                                          for layer in layers})
 
 
-question_only = [QueryPass(ids=backend._prompt_ids(full, p.text), positions=torch.arange(1)) for p in prompts]
+question_only = [QueryPass(ids=backend._prompt_ids(full, p.text), positions=torch.zeros(0, dtype=torch.long))
+                 for p in prompts]
 either = merged(studied.importance, 1.0)
 # name -> (prepared context, the one budgets are allocated from (None: the same), config overrides)
 variants = {"am": (prepared, None, {}),
@@ -102,7 +102,9 @@ variants = {"am": (prepared, None, {}),
             "oracle-priority": (merged(oracle.importance, 2.0), None, {}),
             "question-priority": (merged(importance_of(question_only), 2.0), None, {})}
 if not only or "hints" in only:
-    variants["hints"] = (prepare_context(lm, text, CompactionConfig(hints=tuple(p.text for p in prompts))), None, {})
+    hinted = hint_passes(lm, prepared.cache, prepared.rendered, tuple(p.text for p in prompts),
+                         CompactionConfig.hint_answer_tokens)
+    variants["hints"] = (replace(prepared, hint_importance=importance_of(hinted)), None, {})
 variants.update({f"am[max_ratio_per_head={cap:g}]": (prepared, None, {"max_ratio_per_head": cap}) for cap in caps})
 
 

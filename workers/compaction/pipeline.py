@@ -300,13 +300,15 @@ def prepare_context(lm, context: str | list[dict], config: CompactionConfig) -> 
         importance = KeyImportance(lm.model, context_keys, rendered.span(), num_kv_heads)
         capture_passes(lm, cache, passes, pass_queries, num_kv_heads, config.prefill_chunk_tokens,
                        importance=importance)
-    hint_importance = KeyImportance(lm.model, context_keys, rendered.span(), num_kv_heads)
+    hint_scores = {}
     if config.hints:
         with timer.phase("hints"):
+            hinted = KeyImportance(lm.model, context_keys, rendered.span(), num_kv_heads)
             capture_passes(lm, cache, hint_passes(lm, cache, rendered, config.hints, config.hint_answer_tokens), None,
-                           num_kv_heads, config.prefill_chunk_tokens, importance=hint_importance)
+                           num_kv_heads, config.prefill_chunk_tokens, importance=hinted)
+            hint_scores = hinted.scores
     return PreparedContext(rendered, cache, context_queries, pass_queries, passes, timer.as_dict(),
-                           importance=importance.scores, hint_importance=hint_importance.scores)
+                           importance=importance.scores, hint_importance=hint_scores)
 
 
 def _chunks(span_length: int, chunk_tokens: int | None) -> list[slice]:
@@ -375,7 +377,8 @@ def allocate_budgets(lm, prepared: PreparedContext, layers: list[int], chunk: sl
     elif mode == "profile":
         flat = budget_rules.profile_budgets(profile, total, floor, cap)
     else:
-        scores = torch.cat([prepared.context_scores(lm, layer, chunk, config.score_pool, config.hint_weight).cpu() for layer in layers])
+        scores = torch.cat([prepared.context_scores(lm, layer, chunk, config.score_pool, config.hint_weight).cpu()
+                            for layer in layers])
         weights = None
         if config.profile_prior > 0:
             weights = (profile * len(layers) * heads) ** config.profile_prior

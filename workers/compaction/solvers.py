@@ -85,10 +85,11 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 def prioritise(scores: torch.Tensor, hint_scores: torch.Tensor, weight: float) -> torch.Tensor:
     """Each key's importance raised to `weight` x its importance to the hint passes where that is larger: (H, T).
 
-    Scores are max attention weights in [0, 1]. With weight 2 every key a hint's answer gives more than half its
-    attention outranks every key the repeat pass alone wants, in the global budget and within each head: on the
-    repeat pass the copying heads give nearly every key a weight near 1, so without the factor the hinted keys are
-    lost among them (weight 1 kept none of a needle document's answers at keep 0.02, docs/quality.md)."""
+    Scores are max attention weights in [0, 1], so with weight w every key that a hint pass gives more than 1/w of
+    some query's attention outranks every key the repeat pass alone wants, in the global budget and within each head.
+    The factor is needed because the repeat pass's copying heads give nearly every key a weight near 1: at weight 1
+    the hinted keys were lost among them (0 of 20 needle answers at keep 0.02; weight 2: 3 of 20; the hints' own
+    importance alone: 8 of 20, docs/quality.md, session 12)."""
     return torch.maximum(scores, weight * hint_scores.to(scores.dtype))
 
 
