@@ -29,8 +29,8 @@ MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_BETA_PRIOR = 1e4
 MAX_STOP_SEQUENCES = 4
 # Each hint is answered from the full cache before the compaction (up to 64 tokens each): the bounds keep that cost
-# a small share of the compaction's.
-MAX_HINTS = 16
+# a small share of the compaction's, and still admit every question of the longest QuALITY document (19) as hints.
+MAX_HINTS = 32
 MAX_HINT_CHARS = 4000
 # OpenAI's limits on `metadata`.
 MAX_METADATA_KEYS = 16

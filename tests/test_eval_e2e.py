@@ -20,7 +20,7 @@ DOCUMENT = {
          "answer_index": 0},
     ],
 }
-METHODS = ["full", "none", "truncate", "am", "summary+am"]
+METHODS = ["full", "none", "truncate", "am", "summary+am", "am[hints=@questions]"]
 
 
 def _eval(dataset, out):
@@ -36,7 +36,8 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
 
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["keep_ratio"]) for r in rows] == [("full", 1.0), ("none", 0.0), ("truncate", 0.1),
-                                                            ("am", 0.1), ("summary+am", 0.1)]
+                                                            ("am", 0.1), ("summary+am", 0.1),
+                                                            ("am[hints=@questions]", 0.1)]
     for row in rows:
         assert row["dataset"] == "tiny" and row["n_questions"] == 2 and 0.0 <= row["accuracy"] <= 1.0
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
@@ -52,6 +53,9 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     assert by_method["am"]["compaction_seconds"] > 0
     assert by_method["summary+am"]["phase_seconds"]["summarize"] > 0
     assert by_method["summary+am"]["retained_slots"] <= by_method["am"]["retained_slots"]
+    # The document's two questions were answered as hints before that compaction, and only before that one.
+    hinted = by_method["am[hints=@questions]"]
+    assert hinted["phase_seconds"]["hints"] > 0 and "hints" not in by_method["am"]["phase_seconds"]
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
     assert all((out / f"{name}_tiny.png").stat().st_size > 0 for name in PLOTS)

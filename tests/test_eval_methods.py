@@ -19,6 +19,7 @@ class FakeConfig:
     on_policy: bool = False
     max_queries_per_head: int = 4096
     extra: list = field(default_factory=list)
+    hints: tuple[str, ...] = ()
 
 
 def test_parse_kinds():
@@ -36,6 +37,16 @@ def test_overrides_are_typed_from_the_config():
     assert coerce_overrides(spec, FakeConfig) == {"query_sources": ("repeat", "self-study"), "on_policy": True,
                                                    "chunk_tokens": 2048, "max_queries_per_head": 100}
     assert coerce_overrides(parse_method("am[query_sources=context]"), FakeConfig) == {"query_sources": ("context",)}
+
+
+def test_question_hints_bind_to_each_document():
+    spec = parse_method("am[hints=@questions,budget=uniform]")
+    assert coerce_overrides(spec, FakeConfig) == {"hints": (), "budget": "uniform"}  # unbound: validation only
+    bound = spec.with_questions(("What is the number? Answer briefly.", "Who, and why?"))
+    assert bound.name == spec.name  # the same method in the result cache and the table
+    assert coerce_overrides(bound, FakeConfig)["hints"] == ("What is the number? Answer briefly.", "Who, and why?")
+    literal = parse_method("am[hints=first+second]")  # literal hints are untouched by binding
+    assert coerce_overrides(literal.with_questions(("q",)), FakeConfig)["hints"] == ("first", "second")
 
 
 @pytest.mark.parametrize("name, message", [

@@ -74,7 +74,7 @@ def test_compact_request_budget_is_one_of_two():
 @pytest.mark.parametrize("bad", [
     {"method": "magic"}, {"query_sources": ["oracle"]}, {"query_sources": []}, {"ttl_seconds": 0},
     {"ttl_seconds": 10**9}, {"chunk_tokens": 0}, {"keep_ration": 0.1}, {"input": ""}, {"input": []},
-    {"beta_prior": -1.0}, {"beta_prior": 1e9}, {"hints": []}, {"hints": [""]}, {"hints": ["q"] * 17},
+    {"beta_prior": -1.0}, {"beta_prior": 1e9}, {"hints": []}, {"hints": [""]}, {"hints": ["q"] * 33},
     {"hints": ["q" * 4001]}, {"hints": "one bare string"},
     {"input": [{"role": "user", "content": [{"type": "compaction", "encrypted_content": "kvc1.x"}]}]},
 ])

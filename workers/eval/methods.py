@@ -6,6 +6,8 @@ A method name is one of
   brackets (`am[budget=uniform]`, `am[query_sources=repeat+self-study,on_policy=true]`; `+` separates list items),
   `summary` (the model summarises the document in at most keep_ratio x its tokens; the summary's full cache is the
   context), or `summary+<compaction method>` (a summary of SUMMARY_HEADROOM x the budget, compacted down to the budget).
+The override `hints=@questions` passes the document's own question prompts as compaction hints (what a caller that
+knows its questions would send; not question-agnostic, so such rows measure the hints, not a baseline).
 Everything goes through a Backend (in-process core API or the HTTP service), so both paths run the same methods.
 """
 
@@ -32,6 +34,8 @@ RATIO_FREE = {FULL: 1.0, NONE: 0.0}
 EMPTY_SUMMARY = "(empty summary)"
 # Fields the harness sets itself; an override would silently change the budget being compared.
 RESERVED_FIELDS = {"method", "keep_ratio", "target_tokens"}
+# The `hints` override value that stands for the evaluated questions' prompts (bound per document: with_questions).
+QUESTION_HINTS = "@questions"
 
 _SPEC = re.compile(r"^(?P<base>[A-Za-z0-9_+\-]+)(?:\[(?P<args>[^\[\]]*)\])?$")
 
@@ -48,6 +52,16 @@ class MethodSpec:
     kind: str  # FULL | NONE | SUMMARY | COMPACTION | SUMMARY_COMPACTION
     core_method: str | None = None
     overrides: tuple[tuple[str, str], ...] = ()
+    question_hints: tuple[str, ...] = ()  # what `hints=@questions` stands for once bound to a document
+
+    @property
+    def hints_questions(self) -> bool:
+        """Whether this method's hints are the evaluated questions (`hints=@questions`)."""
+        return ("hints", QUESTION_HINTS) in self.overrides
+
+    def with_questions(self, prompts: tuple[str, ...]) -> MethodSpec:
+        """This spec bound to one document's question prompts (unchanged unless it asks for them as hints)."""
+        return dataclasses.replace(self, question_hints=prompts) if self.hints_questions else self
 
     @property
     def uses_ratio(self) -> bool:
@@ -120,6 +134,8 @@ def coerce_overrides(spec: MethodSpec, config_cls: type) -> dict[str, Any]:
         if default is None and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         typed[key] = _coerce(raw, str(f.type), default, f"method {spec.name!r} field {key!r}")
+    if spec.hints_questions:
+        typed["hints"] = spec.question_hints  # empty until with_questions binds a document (validate_methods)
     return typed
 
 

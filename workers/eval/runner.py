@@ -85,8 +85,9 @@ class _DocumentEval:
     def evaluate(self, spec: MethodSpec, keep_ratio: float) -> dict:
         """One record: build the method's cache, ask every question, score against gold and the full cache."""
         text = context_message(self.document)
-        context = build_context(self.backend, spec, text, keep_ratio, self.full, self.summaries)
         references = self.references
+        bound = spec.with_questions(tuple(reference.prompt.text for reference in references))
+        context = build_context(self.backend, bound, text, keep_ratio, self.full, self.summaries)
         if spec.kind == FULL:
             answers = [reference.answer for reference in references]
             next_tokens = [reference.next_token for reference in references]
