@@ -7,7 +7,9 @@ import openai
 import pytest
 
 from workers.eval.endpoint import EndpointError, HttpBackend, base_url
+from workers.eval.datasets import load_dataset
 from workers.eval.methods import parse_method
+from workers.eval.prompts import question_prompt
 from workers.eval.resultcache import ResultStore
 from workers.eval.runner import EvalPlan, run_eval
 
@@ -56,8 +58,8 @@ def test_endpoint_eval(tmp_path):
     client = openai.OpenAI(base_url="http://svc/v1", api_key="k",
                            http_client=httpx.Client(transport=httpx.MockTransport(service)))
     backend = HttpBackend("http://svc", "m", "k", client=client)
-    plan = EvalPlan(datasets=(dataset,), methods=tuple(parse_method(m) for m in ("full", "none", "am[query_sources=repeat]")),
-                    keep_ratios=(0.25,))
+    methods = ("full", "none", "am[query_sources=repeat]", "am[hints=@questions]")
+    plan = EvalPlan(datasets=(dataset,), methods=tuple(parse_method(m) for m in methods), keep_ratios=(0.25,))
     records = {r["method"]: r for r in run_eval(backend, plan, ResultStore(tmp_path, "http-m"))}
 
     assert [q["correct"] for q in records["full"]["questions"]] == [True]
@@ -67,8 +69,12 @@ def test_endpoint_eval(tmp_path):
     assert am["input_tokens"] == len(DOCUMENT["context"])  # the fake counts a character as a token
     assert am["retained_slots"] == 48 and am["bytes"] == 999 and am["phase_seconds"] == {"select": 0.1}
     compact = [body for path, body in service.requests if path == "/v1/compact"]
+    document = load_dataset(dataset)[0]
+    prompt = question_prompt(document, document.questions[0]).text
     assert compact == [{"model": "m", "input": DOCUMENT["context"], "method": "am", "ttl_seconds": 3600,
-                        "keep_ratio": 0.25, "query_sources": ["repeat"]}]
+                        "keep_ratio": 0.25, "query_sources": ["repeat"]},
+                       {"model": "m", "input": DOCUMENT["context"], "method": "am", "ttl_seconds": 3600,
+                        "keep_ratio": 0.25, "hints": [prompt]}]
     chats = [body for path, body in service.requests if path == "/v1/chat/completions"]
     assert any(c["messages"][0]["content"] == [{"type": "compaction", "encrypted_content": "tok"}] for c in chats)
     assert all(c["temperature"] == 0.0 for c in chats)
