@@ -15,7 +15,7 @@ Compacts one document at the given ratios several ways and answers its questions
   budgets and selection: the repeat pass's coverage with the questions' keys first; `question-priority`: the same x2
   with the question tokens alone (no answer);
 - `hints`: the implementation of the above (reference.hint_passes: the question prompts answered greedily from the
-  full cache) at the default hint_weight;
+  full cache) at the default hint_weight; `hints-w10` / `hints-w100` at weight 10 / 100 (session 13);
 - `am[max_ratio_per_head=CAP]` for each CAP given: the default with each head capped at CAP x its block;
 - `surprise-Q` / `surprise-Q-w2` (session 13, query-agnostic): key importance over the repeat-pass queries that read
   or predict the document's hardest tokens only (the top Q fraction by the full prefill's surprisal: random digits,
@@ -162,6 +162,8 @@ if wanted("hints"):
     hinted = hint_passes(lm, prepared.cache, prepared.rendered, tuple(p.text for p in prompts),
                          CompactionConfig.hint_answer_tokens)
     variants["hints"] = (replace(prepared, hint_importance=importance_of(hinted)), None, {})
+    variants.update({f"hints-w{weight:g}": (variants["hints"][0], None, {"hint_weight": weight})
+                     for weight in (10.0, 100.0)})
 
 
 allocate_budgets = pipeline.allocate_budgets
