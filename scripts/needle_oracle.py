@@ -15,7 +15,8 @@ Compacts one document at the given ratios several ways and answers its questions
   budgets and selection: the repeat pass's coverage with the questions' keys first; `question-priority`: the same x2
   with the question tokens alone (no answer);
 - `hints`: the implementation of the above (reference.hint_passes: the question prompts answered greedily from the
-  full cache) at the default hint_weight; `hints-w10` / `hints-w100` at weight 10 / 100 (session 13);
+  full cache) at hint_weight 1000 (the default of session 12); `hints-w10` / `hints-w100` at weight 10 (the
+  default since session 13) / 100;
 - `am[max_ratio_per_head=CAP]` for each CAP given: the default with each head capped at CAP x its block;
 - `surprise-Q` / `surprise-Q-w2` (session 13, query-agnostic): key importance over the repeat-pass queries that read
   or predict the document's hardest tokens only (the top Q fraction by the full prefill's surprisal: random digits,
@@ -161,7 +162,7 @@ if wanted("oracle", "ss-", "rs-", "question"):
 if wanted("hints"):
     hinted = hint_passes(lm, prepared.cache, prepared.rendered, tuple(p.text for p in prompts),
                          CompactionConfig.hint_answer_tokens)
-    variants["hints"] = (replace(prepared, hint_importance=importance_of(hinted)), None, {})
+    variants["hints"] = (replace(prepared, hint_importance=importance_of(hinted)), None, {"hint_weight": 1000.0})
     variants.update({f"hints-w{weight:g}": (variants["hints"][0], None, {"hint_weight": weight})
                      for weight in (10.0, 100.0)})
 

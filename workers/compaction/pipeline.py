@@ -97,12 +97,13 @@ class CompactionConfig:
     seed: int = 0
     # Questions or tasks the caller expects to ask of the compacted context. Each is answered once from the full cache
     # and the keys that the hint and its answer attend to are scored like the repeat pass's, times hint_weight
-    # (solvers.prioritise), so they come first in the budget and within each head. The questions as hints kept 10 of 40
-    # needle answers at keep 0.02 where the repeat pass alone kept none, but cost the key-value answers AM had at
-    # 5x-10x (our reading: 64 answer tokens cover the restated key and only part of the value; docs/quality.md,
-    # session 13).
+    # (solvers.prioritise), so they come first in the budget and within each head. At weight 1000 the questions as
+    # hints kept 10 of 40 needle answers at keep 0.02 where the repeat pass alone kept none, but cost the key-value
+    # answers AM had at 5x-10x: nearly every key then ranks by the hints alone. Weight 10 keeps the repeat pass's
+    # order for the keys the hints barely look at; on four needle documents it answered as many (13 of 40 over
+    # keep 0.05 and 0.02) with lower log-ppl (docs/quality.md, session 13).
     hints: tuple[str, ...] = ()
-    hint_weight: float = 1000.0
+    hint_weight: float = 10.0
     hint_answer_tokens: int = 64
 
     def __post_init__(self) -> None:
