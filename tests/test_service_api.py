@@ -77,11 +77,12 @@ def test_compact_returns_completed_object_with_opaque_token(compaction):
 def test_compaction_options_reach_the_worker_and_the_blob(service, client):
     """beta_prior and hints (like query_sources) are compaction options: the worker fits with them and the blob
     records them."""
-    made = compact(client, DOCUMENT, keep_ratio=0.5, beta_prior=10.0, hints=["What is the code?"])
+    made = compact(client, DOCUMENT, keep_ratio=0.5, beta_prior=10.0, hints=["What is the code?"], hint_weight=1000.0)
     handle = service.store().get_status(made["id"])["handle"]
     _, header = decode_blob(service.store().get(handle), None)
     assert header.params["beta_prior"] == 10.0 and header.params["keep_ratio"] == 0.5
     assert list(header.params["hints"]) == ["What is the code?"] and made["usage"]["phase_seconds"]["hints"] > 0
+    assert header.params["hint_weight"] == 1000.0
 
 
 def test_chat_stream_and_non_stream_agree_and_count_cached_tokens(client, compaction):

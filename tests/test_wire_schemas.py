@@ -76,6 +76,7 @@ def test_compact_request_budget_is_one_of_two():
     {"ttl_seconds": 10**9}, {"chunk_tokens": 0}, {"keep_ration": 0.1}, {"input": ""}, {"input": []},
     {"beta_prior": -1.0}, {"beta_prior": 1e9}, {"hints": []}, {"hints": [""]}, {"hints": ["q"] * 33},
     {"hints": ["q" * 4001]}, {"hints": "one bare string"},
+    {"hints": ["q"], "hint_weight": 0.5}, {"hints": ["q"], "hint_weight": 1e9},
     {"input": [{"role": "user", "content": [{"type": "compaction", "encrypted_content": "kvc1.x"}]}]},
 ])
 def test_compact_request_refuses(bad):

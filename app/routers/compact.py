@@ -34,7 +34,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 429, 500, 503)
 }
 # Fields of the request that configure the compaction itself (`workers.compaction.pipeline.CompactionConfig`).
-CONFIG_FIELDS = ("method", "keep_ratio", "target_tokens", "query_sources", "chunk_tokens", "beta_prior", "hints")
+CONFIG_FIELDS = ("method", "keep_ratio", "target_tokens", "query_sources", "chunk_tokens", "beta_prior", "hints",
+                 "hint_weight")
 
 
 def _render(record: dict[str, Any], secret: bytes) -> CompactionObject:
