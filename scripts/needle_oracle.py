@@ -29,6 +29,7 @@ usage: python scripts/needle_oracle.py DATASET.jsonl DOC_ID RATIO,RATIO,... [CAP
 import json
 import sys
 from dataclasses import replace
+from functools import cache
 
 import torch
 
@@ -62,12 +63,13 @@ references = backend.generate_all(full, [(p.text, p.max_new_tokens) for p in pro
 prepared = prepare_context(lm, text, CompactionConfig())
 heads = lm.text_config.num_key_value_heads
 layers = prepared.compactable_layers
+context_keys = {i: prepared.cache.layers[i].keys[0] for i in layers}
 
 
 def importance_of(passes: list[QueryPass], into: ReferenceQueries | None = None) -> dict[int, torch.Tensor]:
     """KVzip key importance of the context's keys over every token of `passes` (run on forks of the full cache),
     their queries added to `into` where given."""
-    importance = KeyImportance(lm.model, {i: prepared.cache.layers[i].keys[0] for i in layers}, prepared.span, heads)
+    importance = KeyImportance(lm.model, context_keys, prepared.span, heads)
     capture_passes(lm, prepared.cache, passes, into, heads, 4096, importance=importance)
     return importance.scores
 
@@ -97,6 +99,7 @@ class MaskedImportance(KeyImportance):
         super()._hook(module, (), kwargs)
 
 
+@cache
 def surprisal() -> torch.Tensor:
     """Per compactable token, -log p(token | everything before it) under the full prefill."""
     ids = torch.tensor([prepared.rendered.ids])
@@ -113,8 +116,7 @@ def hard_token_importance(fraction: float) -> dict[int, torch.Tensor]:
     prompt_length = len(repeat) - len(prepared.span)
     hard = surprisal().topk(max(1, round(fraction * len(prepared.span)))).indices
     positions = torch.cat([prompt_length + hard - 1, prompt_length + hard]).clamp(min=0).unique()
-    importance = MaskedImportance(positions, lm.model, {i: prepared.cache.layers[i].keys[0] for i in layers},
-                                  prepared.span, heads)
+    importance = MaskedImportance(positions, lm.model, context_keys, prepared.span, heads)
     capture_passes(lm, prepared.cache, [QueryPass(ids=repeat, positions=torch.zeros(0, dtype=torch.long))], None,
                    heads, 1 << 20, importance=importance)
     return importance.scores
@@ -125,7 +127,7 @@ variants = {"am": (prepared, None, {})}
 for fraction in (0.02, 0.05, 0.1):
     if wanted(f"surprise-{fraction:g}"):
         hard_prepared = replace(prepared, hint_importance=hard_token_importance(fraction))
-        variants[f"surprise-{fraction:g}"] = (hard_prepared, None, {})
+        variants[f"surprise-{fraction:g}"] = (hard_prepared, None, {"hint_weight": 1000.0})
         variants[f"surprise-{fraction:g}-w2"] = (hard_prepared, None, {"hint_weight": 2.0})
 variants.update({f"am[max_ratio_per_head={cap:g}]": (prepared, None, {"max_ratio_per_head": cap}) for cap in caps})
 if wanted("oracle", "ss-", "rs-", "question"):
